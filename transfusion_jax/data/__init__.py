@@ -1,0 +1,1 @@
+"""Data: sources, tokenizer, packing into the batch contract, Grain pipeline."""
