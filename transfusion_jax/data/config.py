@@ -1,0 +1,134 @@
+"""The data config: one self-contained ConfigDict, embedded by experiments as `config.data`.
+
+`patches_per_image` (P) is not here: it is a property of the model and autoencoder
+((image_size / downsample / patch_size)^2), so the pipeline takes it as an argument.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+TEXT_SOURCES = ("shapes", "tfds", "text_files", "none")
+IMAGE_SOURCES = ("shapes", "coco", "image_files", "none")
+SHAPES_SPLITS = ("train", "heldout")
+
+
+def _defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Where documents come from: a text-only stream and an image stream, mixed by token ratio.
+    c.text_source = "shapes"
+    c.image_source = "shapes"
+    # Rows and batches.
+    c.seq_len = 4096  # L, elements per row
+    c.batch_size = 8  # global rows per step; each host yields batch_size // host count
+    c.max_images = -1  # M, image slots per row; -1: as many as fit, seq_len // (P + 2)
+    c.image_size = 64  # images are resized and centre-cropped to image_size x image_size RGB
+    # Documents -> rows (paper section 4.1).
+    c.caption_first_prob = 0.8
+    c.p_uncond = 0.1  # caption dropout, for classifier-free guidance
+    c.num_timesteps = 1000  # T; an image before its caption gets max_timestep T // 2
+    c.text_to_patch_ratio = 1.0  # text-only-document tokens : image patches
+    # Determinism, epochs and parallelism.
+    c.seed = 0
+    c.num_epochs = 0  # 0: repeat forever
+    c.worker_count = 0  # Grain worker processes; 0 = in the calling process
+    c.worker_buffer_size = 2  # batches buffered per worker
+    c.read_threads = 2  # threads preparing documents (per worker)
+    c.read_buffer_size = 64  # documents prepared ahead (per stream, per worker)
+    # Tokenizer: a given sentencepiece .model, or one trained here and kept in the workdir.
+    c.tokenizer_model = ""
+    c.tokenizer_vocab_size = 512
+    c.tokenizer_train_source = "shapes"  # "shapes" or "sources" (text of the configured sources)
+    c.tokenizer_train_documents = 20000
+    # Shapes world.
+    c.shapes_split = "train"
+    c.shapes_num_documents = 100_000  # documents per epoch, per stream
+    c.shapes_interleaved_fraction = 0.3  # of image-stream documents; the rest are caption pairs
+    # TFDS text (random access through tfds.data_source; data must be prepared beforehand).
+    c.tfds_name = "c4/en"
+    c.tfds_split = "train"
+    c.tfds_data_dir = ""
+    c.tfds_text_key = "text"
+    # MS-COCO from its own files: the Karpathy split json and the image folders.
+    c.coco_karpathy_json = ""
+    c.coco_image_root = ""
+    c.coco_split = "train+restval"
+    # Local files.
+    c.image_files_path = ""  # a folder (image + same-named .txt caption) or a JSONL of image, caption
+    c.text_files_path = ""  # a .txt (one document a line), a .jsonl ({"text": ...}) or a folder of .txt
+    return c
+
+
+def get_data_config(**overrides) -> ml_collections.ConfigDict:
+    """The default data config with `overrides` applied and validated."""
+    config = _defaults()
+    for key, value in overrides.items():
+        if key not in config:
+            raise ValueError(
+                f"data.{key}: unknown field (value {value!r}); expected one of {sorted(config)}"
+            )
+        try:
+            config[key] = value
+        except TypeError as e:
+            raise ValueError(
+                f"data.{key} = {value!r}: expected {type(config[key]).__name__}"
+            ) from e
+    validate_data_config(config)
+    return config
+
+
+def _check(ok: bool, field: str, value, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"data.{field} = {value!r}: expected {expected}")
+
+
+def validate_data_config(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the field, its value and what was expected."""
+    unknown = sorted(set(c) - set(_defaults()))
+    if unknown:
+        raise ValueError(f"data.{unknown[0]}: unknown field; expected one of {sorted(_defaults())}")
+    _check(c.text_source in TEXT_SOURCES, "text_source", c.text_source, f"one of {TEXT_SOURCES}")
+    _check(c.image_source in IMAGE_SOURCES, "image_source", c.image_source, f"one of {IMAGE_SOURCES}")
+    _check(
+        (c.text_source, c.image_source) != ("none", "none"),
+        "text_source", c.text_source, "at least one of text_source, image_source to be a source",
+    )
+    for field in ("seq_len", "batch_size", "image_size", "num_timesteps", "tokenizer_vocab_size",
+                  "tokenizer_train_documents", "shapes_num_documents", "read_threads",
+                  "read_buffer_size", "worker_buffer_size"):
+        _check(c[field] >= 1, field, c[field], "an integer >= 1")
+    for field in ("num_epochs", "worker_count", "seed"):
+        _check(c[field] >= 0, field, c[field], "an integer >= 0")
+    _check(c.seed < 2**31, "seed", c.seed, "an integer < 2**31")
+    _check(c.max_images == -1 or c.max_images >= 1, "max_images", c.max_images, "-1 (as many as fit) or >= 1")
+    for field in ("caption_first_prob", "p_uncond", "shapes_interleaved_fraction"):
+        _check(0.0 <= c[field] <= 1.0, field, c[field], "a probability in [0, 1]")
+    _check(c.text_to_patch_ratio > 0, "text_to_patch_ratio", c.text_to_patch_ratio, "a number > 0")
+    _check(c.shapes_split in SHAPES_SPLITS, "shapes_split", c.shapes_split, f"one of {SHAPES_SPLITS}")
+    _check(c.tokenizer_train_source in ("shapes", "sources"), "tokenizer_train_source",
+           c.tokenizer_train_source, "'shapes' or 'sources'")
+    _check(c.text_source != "tfds" or bool(c.tfds_name), "tfds_name", c.tfds_name,
+           "a TFDS name such as 'c4/en' when text_source is 'tfds'")
+    _check(c.text_source != "text_files" or bool(c.text_files_path), "text_files_path",
+           c.text_files_path, "a path when text_source is 'text_files'")
+    _check(c.image_source != "image_files" or bool(c.image_files_path), "image_files_path",
+           c.image_files_path, "a path when image_source is 'image_files'")
+    for field in ("coco_karpathy_json", "coco_image_root"):
+        _check(c.image_source != "coco" or bool(c[field]), field, c[field],
+               "a path when image_source is 'coco'")
+
+
+def resolve_max_images(c: ml_collections.ConfigDict, patches_per_image: int) -> int:
+    """M for this model: the configured slots, or as many images as fit in a row."""
+    check_fits(c, patches_per_image)
+    return c.seq_len // (patches_per_image + 2) if c.max_images == -1 else c.max_images
+
+
+def check_fits(c: ml_collections.ConfigDict, patches_per_image: int) -> None:
+    """An image needs P patch elements plus BOI and EOI in one row: P + 2 <= L."""
+    if not isinstance(patches_per_image, int) or patches_per_image < 1:
+        raise ValueError(f"patches_per_image = {patches_per_image!r}: expected an integer >= 1")
+    if patches_per_image + 2 > c.seq_len:
+        raise ValueError(
+            f"an image cannot fit in a row: patches_per_image ({patches_per_image}) + 2 (BOI, EOI) "
+            f"> data.seq_len ({c.seq_len}); expected data.seq_len >= {patches_per_image + 2}"
+        )

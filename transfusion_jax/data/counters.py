@@ -1,0 +1,41 @@
+"""Pipeline counters. They travel with the data (a small int64 vector per document, then per
+row, then per batch) so that counts made in Grain worker processes reach the main process
+exactly, in step with the batches consumed, and are restored with the iterator state."""
+from __future__ import annotations
+
+import numpy as np
+
+SKIP_REASONS = (
+    "corrupt_image",  # an image file or bytes that do not decode
+    "missing_image",  # an image path that does not exist
+    "bad_image_shape",  # an array that is not uint8 [H, W], [H, W, 1|3|4] with H, W >= 1
+    "empty_text",  # a text-only document with no text
+    "empty_caption",  # an image whose caption is empty
+    "invalid_utf8",  # text bytes that are not UTF-8
+    "bad_record",  # a record of no known kind, or a malformed JSON line
+)
+COUNTERS = (
+    "documents",  # documents placed in rows
+    "text_documents", "pair_documents", "interleaved_documents",
+    "images",
+    "caption_first", "image_first", "captions_dropped",  # caption-image pairs
+    "documents_split",  # longer than a row (or more images than slots): split over rows
+    "skipped",
+    *(f"skipped_{r}" for r in SKIP_REASONS),
+    "text_document_tokens",  # elements of text-only documents (the mixing numerator)
+    "image_document_patches",  # patches of image documents (the mixing denominator)
+    "rows", "text_tokens", "patches", "padding",  # elements of emitted rows
+)
+INDEX = {name: i for i, name in enumerate(COUNTERS)}
+
+
+def counts(**values: int) -> np.ndarray:
+    """A counter vector with the given entries set."""
+    v = np.zeros(len(COUNTERS), np.int64)
+    for name, value in values.items():
+        v[INDEX[name]] = value
+    return v
+
+
+def as_dict(vector: np.ndarray) -> dict[str, int]:
+    return {name: int(vector[i]) for i, name in enumerate(COUNTERS)}

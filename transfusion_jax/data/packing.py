@@ -1,0 +1,176 @@
+"""Documents -> rows of the batch contract (DESIGN.md), packed greedily in stream order.
+
+Rules:
+  * a document goes whole into the current row if it fits (elements and image slots);
+  * else, if it would fit an empty row, the row closes (padded) and the document starts the next;
+  * else (longer than a row, or more images than slots) it is split: pieces fill the rest of the
+    current row and then whole rows; a cut never falls inside BOI..EOI. Each piece is its own
+    segment (positions restart, no attention across pieces); the first piece keeps BOS, the last
+    keeps EOS.
+The packer is a Grain iterator whose state is (parent state before the pending document,
+elements of it already emitted): restoring re-reads that document and re-packs identically.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import numpy as np
+
+from transfusion_jax.data import counters
+
+COUNTS_KEY = "_counts"  # per-row counter deltas; the pipeline pops it before yielding batches
+
+
+def piece_stop(n: int, boi: np.ndarray, offset: int, free: int, free_slots: int, P: int) -> int:
+    """End of the longest piece [offset, stop) of a document with n elements and images at
+    `boi` that fits `free` elements and `free_slots` images without cutting an image.
+    Returns `offset` when no non-empty piece fits."""
+    stop = min(n, offset + free)
+    pending = boi[boi >= offset]
+    if len(pending) > free_slots:
+        stop = min(stop, int(pending[free_slots]))  # cut before the first image without a slot
+    for b in pending:
+        if b < stop < b + P + 2:  # stop falls inside BOI..EOI: cut before the BOI
+            return int(b)
+    return stop
+
+
+def assemble_row(pieces, *, L: int, M: int, P: int, image_size: int, pad_id: int, boi_id: int,
+                 num_timesteps: int) -> dict[str, np.ndarray]:
+    """One row from pieces (doc, start, stop), laid out left to right. Pure."""
+    s = image_size
+    row = {
+        "tokens": np.full(L, pad_id, np.int32),
+        "segment_ids": np.zeros(L, np.int32),
+        "positions": np.zeros(L, np.int32),
+        "mask_pos": np.arange(L, dtype=np.int32),
+        "patch_index": np.full(L, -1, np.int32),
+        "patch_positions": np.zeros((M, P), np.int32),
+        "images": np.zeros((M, s, s, 3), np.float32),
+        "image_mask": np.zeros(M, bool),
+        "max_timestep": np.full(M, num_timesteps, np.int32),
+    }
+    at, slot = 0, 0
+    for segment, (doc, start, stop) in enumerate(pieces, start=1):
+        m = stop - start
+        row["tokens"][at:at + m] = doc["tokens"][start:stop]
+        row["segment_ids"][at:at + m] = segment
+        row["positions"][at:at + m] = np.arange(m)
+        for j in np.flatnonzero((doc["boi"] >= start) & (doc["boi"] < stop)):
+            first = at + int(doc["boi"][j]) - start + 1  # row index of the first patch
+            patches = np.arange(first, first + P)
+            row["mask_pos"][patches] = first + P - 1
+            row["patch_index"][patches] = slot * P + np.arange(P)
+            row["patch_positions"][slot] = patches
+            row["images"][slot] = doc["images"][j]
+            row["image_mask"][slot] = True
+            row["max_timestep"][slot] = doc["max_timestep"][j]
+            slot += 1
+        at += m
+    row["targets"], row["text_weights"] = next_token_targets(
+        row["tokens"], row["segment_ids"], row["patch_index"], pad_id, boi_id)
+    return row
+
+
+def next_token_targets(tokens, segment_ids, patch_index, pad_id: int, boi_id: int):
+    """targets[i] = tokens[i+1] where element i+1 is text of the same segment, else PAD;
+    weight 1 there unless input i is BOI or a patch (EOI is appended at inference, not learnt)."""
+    is_text = (segment_ids > 0) & (patch_index < 0)
+    next_is_text = np.zeros_like(is_text)
+    next_is_text[:-1] = is_text[1:] & (segment_ids[1:] == segment_ids[:-1])
+    targets = np.full_like(tokens, pad_id)
+    targets[:-1] = np.where(next_is_text[:-1], tokens[1:], pad_id)
+    weights = next_is_text & is_text & (tokens != boi_id)
+    return targets, weights.astype(np.float32)
+
+
+class PackIterDataset(grain.IterDataset):
+    """Documents -> rows (dicts of the batch contract plus COUNTS_KEY)."""
+
+    def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_images: int,
+                 patches_per_image: int, image_size: int, pad_id: int, boi_id: int,
+                 num_timesteps: int):
+        super().__init__(parent)
+        self.layout = dict(L=seq_len, M=max_images, P=patches_per_image, image_size=image_size,
+                           pad_id=pad_id, boi_id=boi_id, num_timesteps=num_timesteps)
+
+    def __iter__(self):
+        return _PackIterator(self._parent.__iter__(), self.layout)
+
+    def __str__(self):
+        return f"PackIterDataset({self.layout})"
+
+
+class _PackIterator(grain.DatasetIterator):
+
+    def __init__(self, parent: grain.DatasetIterator, layout: dict):
+        super().__init__(parent)
+        self._layout = layout
+        self._doc = None  # the pending document: read, not yet fully placed
+        self._offset = 0  # its elements already placed in earlier rows
+        self._state_before_doc: Any = None
+        self._resume_offset = 0
+
+    def _read(self) -> bool:
+        """Makes the next non-empty document pending; False at the end of the stream.
+        Returns the counts of empty (skipped) documents read on the way via self._skipped."""
+        while True:
+            state = self._parent.get_state()
+            try:
+                doc = next(self._parent)
+            except StopIteration:
+                return False
+            if len(doc["tokens"]) == 0:
+                self._skipped += doc["counts"]
+                continue
+            self._doc, self._state_before_doc = doc, state
+            self._offset, self._resume_offset = self._resume_offset, 0
+            return True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        L, M, P = self._layout["L"], self._layout["M"], self._layout["P"]
+        pieces, used, slots = [], 0, 0
+        self._skipped = np.zeros(len(counters.COUNTERS), np.int64)
+        counts = np.zeros(len(counters.COUNTERS), np.int64)
+        while True:
+            if self._doc is None and not self._read():
+                break
+            doc, start = self._doc, self._offset
+            n, boi = len(doc["tokens"]), doc["boi"]
+            rest, rest_images = n - start, int(np.sum(boi >= start))
+            if rest <= L - used and rest_images <= M - slots:
+                stop = n  # the rest fits
+            elif used > 0 and rest <= L and rest_images <= M:
+                break  # fits an empty row: do not split it, close this row
+            else:
+                stop = piece_stop(n, boi, start, L - used, M - slots, P)
+                if stop == start:
+                    break
+            pieces.append((doc, start, stop))
+            used += stop - start
+            slots += int(np.sum((boi >= start) & (boi < stop)))
+            if start == 0:  # a document is counted once, when its first piece is placed
+                counts += doc["counts"] + counters.counts(documents_split=int(stop < n))
+            if stop < n:
+                self._offset = stop
+                break  # the rest of this document goes to the next row
+            self._doc = None
+        counts += self._skipped
+        if not pieces:
+            raise StopIteration
+        row = assemble_row(pieces, **self._layout)
+        patches = int(np.sum(row["patch_index"] >= 0))
+        text = int(np.sum(row["segment_ids"] > 0)) - patches
+        row[COUNTS_KEY] = counts + counters.counts(
+            rows=1, text_tokens=text, patches=patches, padding=L - text - patches)
+        return row
+
+    def get_state(self) -> dict:
+        if self._doc is None:
+            return {"parent": self._parent.get_state(), "offset": self._resume_offset}
+        return {"parent": self._state_before_doc, "offset": self._offset}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._doc, self._offset, self._resume_offset = None, 0, state["offset"]
