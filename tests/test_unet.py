@@ -164,13 +164,15 @@ def test_partition_specs():
         for leaf, spec in pairs:
             assert isinstance(spec, jax.sharding.PartitionSpec) and len(spec) == leaf.ndim
             assert set(spec) - {None} <= known, spec
+            names = [a for a in spec if a is not None]
+            assert len(names) == len(set(names)), f"flax rejects repeated names: {spec}"
     down_specs = nn.get_partition_spec(vd)["params"]["proj_out"]
     up_specs = nn.get_partition_spec(vu)["params"]["proj_in"]
     assert tuple(down_specs["kernel"]) == ("channels", "embed")
     assert tuple(down_specs["bias"]) == ("embed",)
     assert tuple(up_specs["kernel"]) == ("embed", "channels")
     conv = nn.get_partition_spec(vd)["params"]["conv_in"]["kernel"]
-    assert tuple(conv) == ("conv", "conv", "channels", "channels")
+    assert tuple(conv) == ("conv_h", "conv_w", "channels_in", "channels")
 
 
 def paper_count(dim, k=2):

@@ -9,15 +9,17 @@ batch already took `fsdp`.
 """
 from typing import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # (logical name, mesh axis or axes or None), tried in order.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),
     ("length", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
@@ -27,7 +29,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("image", None),
     ("latent", None),
-    ("conv", None),
+    ("conv_h", None),
+    ("conv_w", None),
+    ("channels_in", None),
     ("channels", None),
 )
 
@@ -58,3 +62,19 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
+    """config.sharding_rules (lists, for ml_collections) -> flax's tuple-of-pairs form."""
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules):
+    """NamedShardings for a tree of logically-partitioned values (e.g. eval_shape of init)."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_from_config(rules))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Every batch array is split along its leading axis over the data-parallel mesh axes."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

@@ -49,11 +49,14 @@ def _relation(a: ShapeObject, b: ShapeObject) -> str | None:
 
 
 def relation_sentence(scene: Scene, rng: np.random.Generator) -> str:
-    """'The red circle is above the blue square.' for a random pair, '' for a single object."""
-    if len(scene.objects) < 2:
+    """'The small red circle is above the large blue square.' for a random pair of objects that
+    the words tell apart; '' when there is no such pair."""
+    names = [o[:3] for o in scene.objects]
+    unique = [o for o in scene.objects if names.count(o[:3]) == 1]
+    pairs = [(a, b) for a in unique for b in unique if a != b]
+    if not pairs:
         return ""
-    i, j = rng.choice(len(scene.objects), size=2, replace=False)
-    a, b = scene.objects[i], scene.objects[j]
+    a, b = pairs[int(rng.integers(len(pairs)))]
     return (f"The {a.size} {a.colour} {a.shape} is {_relation(a, b)} "
             f"the {b.size} {b.colour} {b.shape}.")
 

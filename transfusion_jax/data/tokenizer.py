@@ -86,7 +86,7 @@ def load_tokenizer(path) -> Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Unigram sentencepiece with our reserved ids. `vocab_size` is an upper bound: a small
+    """BPE sentencepiece with our reserved ids. `vocab_size` is an upper bound: a small
     corpus (shapes) has fewer distinct pieces, so the hard limit is off."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -94,7 +94,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         model_writer=model,
         vocab_size=vocab_size,
         hard_vocab_limit=False,
-        model_type="unigram",
+        model_type="bpe",
         pad_id=0, bos_id=1, eos_id=2, unk_id=5,
         control_symbols=[BOI_PIECE, EOI_PIECE],  # ids 3, 4; never produced by encoding text
         byte_fallback=True,  # any UTF-8 encodes, no UNK

@@ -26,7 +26,7 @@ from transfusion_jax.model.layers import Dense, TimestepEmbedder, logical
 
 Dtype = Any
 
-CONV_AXES = ("conv", "conv", "channels", "channels")
+CONV_AXES = ("conv_h", "conv_w", "channels_in", "channels")  # flax needs distinct names
 
 # channel_mult is given for the deepest supported U-Net (k = 8: four levels); a model with patch
 # size k uses the first log2(k) + 1 entries (see `unet_config`). "paper" is sized so that at latent
@@ -106,7 +106,7 @@ class ResBlock(nn.Module):
     def __call__(self, x, emb):
         h = nn.silu(group_norm(x.shape[-1], "norm1", self.dtype)(x))
         h = conv(self.features, "conv1", self.dtype)(h)
-        t = Dense(self.features, ("channels", "channels"), use_bias=True, dtype=self.dtype,
+        t = Dense(self.features, ("channels_in", "channels"), use_bias=True, dtype=self.dtype,
                   name="time")(nn.silu(emb))
         h = h + t[:, None, None, :]
         h = nn.silu(group_norm(self.features, "norm2", self.dtype)(h))

@@ -1,0 +1,45 @@
+"""The data config: defaults, overrides, and errors that name the field."""
+import pytest
+
+from transfusion_jax.data.config import check_fits, get_data_config, resolve_max_images, validate_data_config
+
+
+def test_defaults_follow_the_paper():
+    c = get_data_config()
+    assert (c.caption_first_prob, c.p_uncond, c.text_to_patch_ratio) == (0.8, 0.1, 1.0)
+    assert c.text_source == c.image_source == "shapes" and c.image_size == 64
+    assert "patches_per_image" not in c  # a model property, passed to the pipeline
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (dict(seq_lenn=8), "data.seq_lenn"),
+    (dict(seq_len=0), "data.seq_len"),
+    (dict(seq_len="long"), "data.seq_len"),
+    (dict(caption_first_prob=1.5), "data.caption_first_prob"),
+    (dict(text_source="c4"), "data.text_source"),
+    (dict(text_source="none", image_source="none"), "data.text_source"),
+    (dict(text_source="text_files"), "data.text_files_path"),
+    (dict(image_source="coco"), "data.coco_karpathy_json"),
+    (dict(max_images=0), "data.max_images"),
+    (dict(text_to_patch_ratio=0.0), "data.text_to_patch_ratio"),
+    (dict(shapes_split="test"), "data.shapes_split"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        get_data_config(**overrides)
+
+
+def test_image_that_cannot_fit_a_row():
+    c = get_data_config(seq_len=64)
+    check_fits(c, 62)
+    with pytest.raises(ValueError, match=r"patches_per_image \(63\).*data\.seq_len \(64\)"):
+        check_fits(c, 63)
+    assert resolve_max_images(c, 14) == 4  # 64 // (14 + 2)
+    assert resolve_max_images(get_data_config(seq_len=64, max_images=2), 14) == 2
+
+
+def test_mutated_config_is_checked_again():
+    c = get_data_config()
+    c.p_uncond = 2.0
+    with pytest.raises(ValueError, match="data.p_uncond"):
+        validate_data_config(c)

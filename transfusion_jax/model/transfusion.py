@@ -1,0 +1,62 @@
+"""The Transfusion model: one transformer over text embeddings and image-latent patches.
+
+    model.apply(variables, batch, noised_images, timesteps) -> {"logits", "eps"}
+
+`batch` follows the batch contract (DESIGN.md); `noised_images` are latents x_t
+[B, M, H, W, C] (H = W = config.model.latent_size), `timesteps` int32 [B, M]. Every image slot
+is encoded (static shapes); `patch_index` picks, per sequence element, its patch vector instead
+of the token embedding, and `patch_positions` gathers the transformer outputs back per slot.
+Gathers, not scatters: both directions are plain indexing that shards along the batch axis.
+"""
+from typing import Any
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from transfusion_jax.model.layers import Dense, constrain, logical
+from transfusion_jax.model.patching import patch_layers
+from transfusion_jax.model.transformer import Transformer
+
+
+def patches_per_image(cfg) -> int:
+    """Sequence elements one image takes: (latent_size / patch_size)^2 (paper footnote 13)."""
+    return (cfg.latent_size // cfg.patch_size) ** 2
+
+
+class Transfusion(nn.Module):
+    cfg: Any  # config.model
+
+    def setup(self):
+        c = self.cfg
+        self.embed = self.param("embed", logical(nn.initializers.normal(1.0), ("vocab", "embed")),
+                                (c.vocab_size, c.dim), jnp.float32)
+        self.patch_encoder, self.patch_decoder = patch_layers(c)
+        self.transformer = Transformer(c, name="transformer")
+        self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype),
+                             name="lm_head")
+
+    def __call__(self, batch, noised_images, timesteps):
+        c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        b, m, size, _, ch = noised_images.shape
+        if size != c.latent_size or ch != c.latent_channels:
+            raise ValueError(f"noised_images {noised_images.shape}: expected [B, M, "
+                             f"{c.latent_size}, {c.latent_size}, {c.latent_channels}] "
+                             "(model.latent_size, model.latent_channels)")
+        t = timesteps.reshape(b * m)
+        grid, skips = self.patch_encoder(noised_images.reshape(b * m, size, size, ch), t)
+        gh, gw = grid.shape[1:3]
+        patches = grid.reshape(b, m * gh * gw, c.dim).astype(dtype)
+
+        index = batch["patch_index"]
+        text = jnp.take(self.embed, batch["tokens"], axis=0).astype(dtype)
+        from_patch = jnp.take_along_axis(patches, jnp.maximum(index, 0)[..., None], axis=1)
+        x = jnp.where((index >= 0)[..., None], from_patch, text)
+
+        h = self.transformer(constrain(x, ("batch", "length", "embed")), batch["segment_ids"],
+                             batch["mask_pos"], batch["positions"])
+        logits = constrain(self.lm_head(h).astype(jnp.float32), ("batch", "length", "vocab"))
+
+        rows = batch["patch_positions"].reshape(b, m * gh * gw, 1)
+        out = jnp.take_along_axis(h, rows, axis=1).reshape(b * m, gh, gw, c.dim)
+        eps = self.patch_decoder(out, skips, t).astype(jnp.float32)
+        return {"logits": logits, "eps": eps.reshape(b, m, size, size, ch)}
