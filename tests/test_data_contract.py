@@ -184,3 +184,30 @@ def test_packer_state_restores_mid_document(k):
     for got, want in zip(rest, reference[k:]):
         for key in want:
             assert np.array_equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("key,index,value", [
+    ("text_weights", "boi", 1.0),  # loss at a BOI input
+    ("text_weights", "last_patch", 1.0),  # EOI predicted from the last patch
+    ("mask_pos", "first_patch", None),  # a patch that cannot see its whole image
+    ("patch_index", "first_patch", -1),
+    ("targets", "eos", BOS),  # a target across documents
+    ("positions", "second_document", 0),
+    ("segment_ids", "padding", 1),
+])
+def test_checker_rejects_broken_rows(key, index, value):
+    """The checker is only worth its passes if it fails on rows that break the contract."""
+    rng = np.random.default_rng(5)
+    docs = [random_document(rng, 4, 2, 5, 1, i) for i in range(6)]
+    batch = {k: v for k, v in next(iter(pack(docs, 40, 2, 4, 2, 1))).items() if k != COUNTS_KEY}
+    check_batch(batch, B=1, L=40, M=2, P=4, S=2)
+    row = batch["tokens"][0]
+    assert (row == BOI).any() and (batch["segment_ids"][0] == 0).any()
+    boi = int(np.flatnonzero(row == BOI)[0])
+    where = {"boi": boi, "first_patch": boi + 1, "last_patch": boi + 4,
+             "eos": int(np.flatnonzero(row == EOS)[0]),
+             "second_document": int(np.flatnonzero(batch["segment_ids"][0] == 2)[1]),
+             "padding": int(np.flatnonzero(batch["segment_ids"][0] == 0)[0])}[index]
+    batch[key][0, where] = value if value is not None else where
+    with pytest.raises(AssertionError):
+        check_batch(batch, B=1, L=40, M=2, P=4, S=2)

@@ -72,6 +72,8 @@ def test_restore_state_continues_identically(tok, workers):
     assert isinstance(state, bytes) and json.loads(state)  # JSON, for the checkpoint
     metrics_at_k = p.metrics()
     expected = take(p, n)
+    for batch in expected:
+        check_batch(batch, B=4, L=512, M=p.max_images, P=16, S=16)
     p.close()
     q = make_pipeline(c, patches_per_image=16, tokenizer=tok, shard_index=0, shard_count=1)
     q.set_state(state)

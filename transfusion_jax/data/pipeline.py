@@ -43,6 +43,15 @@ def _resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[in
     return shard_index, shard_count
 
 
+def _use_default_flags_if_unparsed() -> None:
+    """Grain's worker processes read an absl flag; outside absl.app (pytest, notebooks, plain
+    scripts) flags are unparsed and reading one raises. Their defaults are what we want."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 class DataPipeline:
     """An iterator of per-host batches: dicts of numpy arrays, exactly the batch contract.
 
@@ -95,6 +104,7 @@ class DataPipeline:
             pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps)
         batches = rows.batch(self.batch_size, drop_remainder=True)
         if config.worker_count:
+            _use_default_flags_if_unparsed()
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
         return batches
