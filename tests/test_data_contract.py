@@ -198,7 +198,7 @@ def test_packer_state_restores_mid_document(k):
 def test_checker_rejects_broken_rows(key, index, value):
     """The checker is only worth its passes if it fails on rows that break the contract."""
     rng = np.random.default_rng(5)
-    docs = [random_document(rng, 4, 2, 5, 1, i) for i in range(6)]
+    docs = [random_document(rng, 4, 2, 5, 1, i) for i in range(5)]  # 34 elements, 6 padding
     batch = {k: v for k, v in next(iter(pack(docs, 40, 2, 4, 2, 1))).items() if k != COUNTS_KEY}
     check_batch(batch, B=1, L=40, M=2, P=4, S=2)
     row = batch["tokens"][0]
