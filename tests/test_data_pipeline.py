@@ -80,6 +80,11 @@ def test_restore_state_continues_identically(tok, workers):
     assert q.metrics() == metrics_at_k  # counters are restored with the state
     assert same(take(q, n), expected)
     q.close()
+    other = make_pipeline(small(worker_count=workers, seed=9), patches_per_image=16, tokenizer=tok,
+                          shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="seed = 0.*seed = 9"):
+        other.set_state(state)  # a state only continues the pipeline it came from
+    other.close()
 
 
 def _text_corpus(tmp_path, n):
@@ -212,3 +217,13 @@ def test_tfds_text_source_in_the_pipeline(tok):
     for batch in batches:
         check_batch(batch, B=1, L=512, M=p.max_images, P=16, S=16, whole_documents=True)
     assert p.metrics()["text_documents"] == 30 and not any(b["image_mask"].any() for b in batches)
+
+
+def test_a_source_of_only_bad_documents_is_a_config_error(tok, tmp_path, monkeypatch):
+    from transfusion_jax.data import packing
+    monkeypatch.setattr(packing, "MAX_CONSECUTIVE_SKIPS", 50)
+    (tmp_path / "c.txt").write_bytes(b"bad \xe9 utf8\n" * 10)
+    c = small(text_source="text_files", text_files_path=str(tmp_path / "c.txt"), image_source="none")
+    p = make_pipeline(c, patches_per_image=16, tokenizer=tok, shard_index=0, shard_count=1)
+    with pytest.raises(ValueError, match="skipped_invalid_utf8"):
+        next(p)

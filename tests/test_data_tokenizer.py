@@ -69,3 +69,13 @@ def test_external_model_gets_specials_appended(tmp_path):
     assert (tok.pad_id, tok.boi_id, tok.eoi_id) == (100, 101, 102)
     assert tok.vocab_size == 103
     assert tok.decode([1] + tok.encode("a red square") + [101, 100, 102, 2]) == "a red square"
+
+
+def test_trained_on_configured_sources(tmp_path):
+    corpus = "\n".join(f"zebra quokka axolotl number {i}" for i in range(300))
+    (tmp_path / "c.txt").write_text(corpus)
+    config = get_data_config(text_source="text_files", text_files_path=str(tmp_path / "c.txt"),
+                             image_source="none", tokenizer_train_source="sources")
+    tok = get_tokenizer(config, tmp_path / "work")
+    assert len(tok.encode("zebra quokka axolotl")) <= 4  # its words became pieces
+    assert tok.decode(tok.encode("zebra quokka 17")) == "zebra quokka 17"

@@ -40,6 +40,7 @@ def _defaults() -> ml_collections.ConfigDict:
     c.tokenizer_train_source = "shapes"  # "shapes" or "sources" (text of the configured sources)
     c.tokenizer_train_documents = 20000
     # Shapes world.
+    c.shapes_seed = 0  # the world's seed: fixed apart from `seed` so held-out scenes stay put
     c.shapes_split = "train"
     c.shapes_num_documents = 100_000  # documents per epoch, per stream
     c.shapes_interleaved_fraction = 0.3  # of image-stream documents; the rest are caption pairs
@@ -96,7 +97,7 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
                   "tokenizer_train_documents", "shapes_num_documents", "read_threads",
                   "read_buffer_size", "worker_buffer_size"):
         _check(c[field] >= 1, field, c[field], "an integer >= 1")
-    for field in ("num_epochs", "worker_count", "seed"):
+    for field in ("num_epochs", "worker_count", "seed", "shapes_seed"):
         _check(c[field] >= 0, field, c[field], "an integer >= 0")
     _check(c.seed < 2**31, "seed", c.seed, "an integer < 2**31")
     _check(c.max_images == -1 or c.max_images >= 1, "max_images", c.max_images, "-1 (as many as fit) or >= 1")

@@ -85,6 +85,19 @@ def next_token_targets(tokens, segment_ids, patch_index, pad_id: int, boi_id: in
     return targets, weights.astype(np.float32)
 
 
+MAX_CONSECUTIVE_SKIPS = 10_000
+
+
+def _check_not_all_skipped(run: np.ndarray) -> None:
+    """Single bad documents are counted and skipped; a source where every document is bad is a
+    configuration error, and would otherwise spin forever without producing a row."""
+    if run[counters.INDEX["skipped"]] >= MAX_CONSECUTIVE_SKIPS:
+        reasons = {k: v for k, v in counters.as_dict(run).items() if k.startswith("skipped_") and v}
+        raise ValueError(f"the last {MAX_CONSECUTIVE_SKIPS} documents were all skipped ({reasons}); "
+                         "expected usable documents: check data.text_source / data.image_source "
+                         "and their paths")
+
+
 class PackIterDataset(grain.IterDataset):
     """Documents -> rows (dicts of the batch contract plus COUNTS_KEY)."""
 
@@ -113,8 +126,9 @@ class _PackIterator(grain.DatasetIterator):
         self._resume_offset = 0
 
     def _read(self) -> bool:
-        """Makes the next non-empty document pending; False at the end of the stream.
-        Returns the counts of empty (skipped) documents read on the way via self._skipped."""
+        """Makes the next non-empty document pending; False at the end of the stream. Empty
+        (skipped) documents on the way add their counts to self._skipped."""
+        run = np.zeros(len(counters.COUNTERS), np.int64)  # skips since the last document
         while True:
             state = self._parent.get_state()
             try:
@@ -123,6 +137,8 @@ class _PackIterator(grain.DatasetIterator):
                 return False
             if len(doc["tokens"]) == 0:
                 self._skipped += doc["counts"]
+                run += doc["counts"]
+                _check_not_all_skipped(run)
                 continue
             self._doc, self._state_before_doc = doc, state
             self._offset, self._resume_offset = self._resume_offset, 0

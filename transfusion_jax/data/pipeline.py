@@ -71,6 +71,13 @@ class DataPipeline:
                              f"host count ({self.shard_count})")
         self.batch_size = config.batch_size // self.shard_count
         self.seq_len = config.seq_len
+        # What a saved state is only valid for: a state restored elsewhere would silently
+        # give different batches.
+        self._layout = {"seed": config.seed, "seq_len": config.seq_len, "batch_size": config.batch_size,
+                        "max_images": self.max_images, "patches_per_image": patches_per_image,
+                        "shard_index": self.shard_index, "shard_count": self.shard_count,
+                        "worker_count": config.worker_count, "text_source": config.text_source,
+                        "image_source": config.image_source}
         self._dataset = self._build(config, tokenizer)
         self._iterator = iter(self._dataset)
         self._counts = np.zeros(len(counters.COUNTERS), np.int64)
@@ -118,13 +125,18 @@ class DataPipeline:
         return batch
 
     def get_state(self) -> bytes:
-        return json.dumps({"format": _STATE_FORMAT, "grain": self._iterator.get_state(),
+        return json.dumps({"format": _STATE_FORMAT, "layout": self._layout,
+                           "grain": self._iterator.get_state(),
                            "counts": counters.as_dict(self._counts)}).encode()
 
     def set_state(self, state: bytes) -> None:
         state = json.loads(state)
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"data pipeline state format {state.get('format')!r}: expected {_STATE_FORMAT}")
+        for key, value in self._layout.items():
+            if state["layout"].get(key) != value:
+                raise ValueError(f"data pipeline state was saved with {key} = {state['layout'].get(key)!r}; "
+                                 f"this pipeline has {key} = {value!r}: expected the same")
         self._iterator.set_state(state["grain"])
         self._counts = np.array([state["counts"].get(n, 0) for n in counters.COUNTERS], np.int64)
 

@@ -22,6 +22,7 @@ COLOURS = {
     "cyan": (40, 210, 220),
     "white": (240, 240, 240),
 }
+COLOUR_NAMES = tuple(COLOURS)
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 # Row-major 3x3 grid: index = 3 * row + column.
@@ -60,14 +61,10 @@ def scene_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.G
 def sample_scene(rng: np.random.Generator, max_objects: int = 3) -> Scene:
     n = int(rng.integers(1, max_objects + 1))
     cells = rng.choice(len(POSITIONS), size=n, replace=False)
+    attributes = rng.integers((len(COLOUR_NAMES), len(SHAPES), len(SIZES)), size=(n, 3))
     objects = tuple(
-        ShapeObject(
-            colour=str(rng.choice(list(COLOURS))),
-            shape=str(rng.choice(SHAPES)),
-            size=str(rng.choice(SIZES)),
-            position=POSITIONS[int(c)],
-        )
-        for c in sorted(cells)
+        ShapeObject(COLOUR_NAMES[a], SHAPES[b], SIZES[c], POSITIONS[int(cell)])
+        for (a, b, c), cell in zip(attributes, sorted(cells))
     )
     offsets = tuple((float(a), float(b)) for a, b in rng.uniform(-1, 1, size=(n, 2)))
     return Scene(objects, offsets)

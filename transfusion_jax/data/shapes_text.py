@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 from transfusion_jax.data.shapes import (
-    COLOURS, POSITIONS, SHAPES, Scene, ShapeObject, render_scene, sample_scene, scene_rng,
+    COLOUR_NAMES, COLOURS, POSITIONS, SHAPES, Scene, ShapeObject, render_scene, sample_scene, scene_rng,
 )
 
 _SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
@@ -87,10 +87,10 @@ def question_answer(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     if kind == 3:
         return f"What size is the shape in the {obj.position}?", obj.size
     if kind == 4:
-        colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))
+        colour, shape = _pick(rng, COLOUR_NAMES), _pick(rng, SHAPES)
         present = any(o.colour == colour and o.shape == shape for o in scene.objects)
         return f"Is there a {colour} {shape}?", "yes" if present else "no"
-    where = str(rng.choice(POSITIONS))
+    where = _pick(rng, POSITIONS)
     held = [o for o in scene.objects if o.position == where]
     answer = f"a {held[0].size} {held[0].colour} {held[0].shape}" if held else "nothing"
     return f"What is in the {where}?", answer

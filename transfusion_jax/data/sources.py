@@ -187,7 +187,7 @@ class ImageFilesSource:
 
 def build_sources(c) -> tuple[object | None, object | None]:
     """(text source, image source) of a data config; None where the config says "none"."""
-    shapes = dict(seed=c.seed, split=c.shapes_split, num_documents=c.shapes_num_documents,
+    shapes = dict(seed=c.shapes_seed, split=c.shapes_split, num_documents=c.shapes_num_documents,
                   image_size=c.image_size, interleaved_fraction=c.shapes_interleaved_fraction)
     text = {
         "shapes": lambda: ShapesSource("text", **shapes),

@@ -117,7 +117,7 @@ def get_tokenizer(config, workdir) -> Tokenizer:
         return load_tokenizer(path)
     if config.tokenizer_train_source == "shapes":
         from transfusion_jax.data.shapes_text import text_corpus
-        texts = text_corpus(config.seed, "train", config.tokenizer_train_documents)
+        texts = text_corpus(config.shapes_seed, "train", config.tokenizer_train_documents)
     else:
         from transfusion_jax.data.sources import sample_texts
         texts = sample_texts(config, config.tokenizer_train_documents)
