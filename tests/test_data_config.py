@@ -1,4 +1,5 @@
 """The data config: defaults, overrides, and errors that name the field."""
+import numpy as np
 import pytest
 
 from transfusion_jax.data.config import check_fits, get_data_config, resolve_max_images, validate_data_config
@@ -35,6 +36,10 @@ def test_image_that_cannot_fit_a_row():
     with pytest.raises(ValueError, match=r"patches_per_image \(63\).*data\.seq_len \(64\)"):
         check_fits(c, 63)
     assert resolve_max_images(c, 14) == 4  # 64 // (14 + 2)
+    assert resolve_max_images(c, np.int64(14)) == 4
+    for bad in (0, 2.5, "16", True):
+        with pytest.raises(ValueError, match="patches_per_image"):
+            check_fits(c, bad)
     assert resolve_max_images(get_data_config(seq_len=64, max_images=2), 14) == 2
 
 

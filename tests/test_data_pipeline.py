@@ -80,7 +80,7 @@ def test_restore_state_continues_identically(tok, workers):
     assert q.metrics() == metrics_at_k  # counters are restored with the state
     assert same(take(q, n), expected)
     q.close()
-    other = make_pipeline(small(worker_count=workers, seed=9), patches_per_image=16, tokenizer=tok,
+    other = make_pipeline(small(seed=9), patches_per_image=16, tokenizer=tok,
                           shard_index=0, shard_count=1)
     with pytest.raises(ValueError, match="seed = 0.*seed = 9"):
         other.set_state(state)  # a state only continues the pipeline it came from

@@ -121,12 +121,13 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
 def resolve_max_images(c: ml_collections.ConfigDict, patches_per_image: int) -> int:
     """M for this model: the configured slots, or as many images as fit in a row."""
     check_fits(c, patches_per_image)
-    return c.seq_len // (patches_per_image + 2) if c.max_images == -1 else c.max_images
+    return int(c.seq_len // (patches_per_image + 2)) if c.max_images == -1 else c.max_images
 
 
 def check_fits(c: ml_collections.ConfigDict, patches_per_image: int) -> None:
     """An image needs P patch elements plus BOI and EOI in one row: P + 2 <= L."""
-    if not isinstance(patches_per_image, int) or patches_per_image < 1:
+    if isinstance(patches_per_image, bool) or not hasattr(patches_per_image, "__index__") \
+            or patches_per_image < 1:
         raise ValueError(f"patches_per_image = {patches_per_image!r}: expected an integer >= 1")
     if patches_per_image + 2 > c.seq_len:
         raise ValueError(

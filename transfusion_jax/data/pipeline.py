@@ -63,8 +63,8 @@ class DataPipeline:
     def __init__(self, config, *, patches_per_image: int, tokenizer,
                  shard_index: int | None = None, shard_count: int | None = None):
         validate_data_config(config)
-        self.patches_per_image = patches_per_image
         self.max_images = resolve_max_images(config, patches_per_image)  # raises if P + 2 > L
+        self.patches_per_image = patches_per_image = int(patches_per_image)
         self.shard_index, self.shard_count = _resolve_shard(shard_index, shard_count)
         if config.batch_size % self.shard_count:
             raise ValueError(f"data.batch_size = {config.batch_size}: expected a multiple of the "
