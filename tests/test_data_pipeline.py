@@ -47,8 +47,8 @@ def test_shapes_batches_satisfy_the_contract(tok):
 
 
 def test_fixed_slots_close_rows_early(tok):
-    p = make_pipeline(small(max_images=2), patches_per_image=16, tokenizer=tok,
-                      shard_index=0, shard_count=1)
+    p = make_pipeline(small(max_images=2), patches_per_image=16, tokenizer=tok)
+    assert (p.shard_index, p.shard_count) == (0, 1)  # jax.process_index(), jax.process_count()
     for batch in take(p, 2):
         check_batch(batch, B=4, L=512, M=2, P=16, S=16)
         assert batch["image_mask"].sum(axis=1).max() <= 2
