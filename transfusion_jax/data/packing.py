@@ -161,7 +161,8 @@ class _PackIterator(grain.DatasetIterator):
                 break  # fits an empty row: do not split it, close this row
             else:
                 stop = piece_stop(n, boi, start, L - used, M - slots, P)
-                if stop == start:
+                if stop == start:  # nothing more fits this row
+                    assert used > 0, "P + 2 <= L and M >= 1 make room for a piece in an empty row"
                     break
             pieces.append((doc, start, stop))
             used += stop - start
