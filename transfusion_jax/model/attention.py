@@ -14,6 +14,11 @@ packed documents. Two implementations take (q, k, v, segment_ids, mask_pos) and 
   nor the backward pass holds more than [B, H, L, block] scores.
 
 Rows with no allowed key (padding) output zeros, with zero gradient.
+
+Decoding (generate.py) attends a chunk of new queries to a key-value cache: the keys then carry
+their own mask vectors (`kv_segment_ids`, `kv_mask_pos`, in the same coordinates as the queries'),
+and the same rule decides which keys each query may see. Without them the keys are the queries'
+own elements (training).
 """
 import functools
 
@@ -34,24 +39,37 @@ def _allowed(seg_q, pos_q, seg_k, pos_k):
     return same_doc & (pos_k[:, None, :] <= pos_q[:, :, None])
 
 
-def dense_attention(q, k, v, segment_ids, mask_pos):
-    """q, k, v [B, L, H, Dh] -> [B, L, H, Dh]; softmax in float32."""
+def _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos):
+    """The keys' mask vectors: their own when given (a cache), else the queries' (self-attention)."""
+    if (kv_segment_ids is None) != (kv_mask_pos is None):
+        raise ValueError("kv_segment_ids and kv_mask_pos: give both (cached keys) or neither")
+    if kv_segment_ids is None:
+        return segment_ids, mask_pos
+    return kv_segment_ids, kv_mask_pos
+
+
+def dense_attention(q, k, v, segment_ids, mask_pos, kv_segment_ids=None, kv_mask_pos=None):
+    """q [B, Lq, H, Dh], k, v [B, Lk, H, Dh] -> [B, Lq, H, Dh]; softmax in float32."""
+    seg_k, pos_k = _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
     scale = q.shape[-1] ** -0.5
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    allowed = transfusion_mask(segment_ids, mask_pos)[:, None]
+    allowed = _allowed(segment_ids, mask_pos, seg_k, pos_k)[:, None]
     s = jnp.where(allowed, s, _NEG)
     p = jax.nn.softmax(s, axis=-1) * allowed  # zero rows that had nothing allowed
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v)
 
 
-def blockwise_attention(q, k, v, segment_ids, mask_pos, block_size: int = 512):
-    """Same result as `dense_attention`, in key blocks of `block_size` (L must divide)."""
-    length = q.shape[1]
+def blockwise_attention(q, k, v, segment_ids, mask_pos, block_size: int = 512,
+                        kv_segment_ids=None, kv_mask_pos=None):
+    """Same result as `dense_attention`, in key blocks of `block_size` (it must divide the key
+    length, or be at least as large)."""
+    seg_k, pos_k = _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
+    length = k.shape[1]
     block = min(block_size, length)
     if length % block:
-        raise ValueError(f"model.attention_block={block_size} must divide the sequence length "
+        raise ValueError(f"model.attention_block={block_size} must divide the key length "
                          f"{length} (or be at least as large)")
-    return _flash(q, k, v, segment_ids, mask_pos, block)
+    return _flash(q, k, v, segment_ids, mask_pos, seg_k, pos_k, block)
 
 
 def _key_blocks(x, block):
@@ -68,7 +86,7 @@ def _block_scores(q, k_blk, seg, pos, seg_blk, pos_blk):
     return jnp.where(allowed, s, _NEG), allowed
 
 
-def _flash_forward(q, k, v, seg, pos, block):
+def _flash_forward(q, k, v, seg, pos, seg_k, pos_k, block):
     b, length, h, d = q.shape
     init = (jnp.full((b, h, length), _NEG, jnp.float32),      # running max
             jnp.zeros((b, h, length), jnp.float32),           # running denominator
@@ -84,7 +102,7 @@ def _flash_forward(q, k, v, seg, pos, block):
         acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v_blk.astype(jnp.float32))
         return (m_new, l * corr + p.sum(-1), acc), None
 
-    blocks = tuple(_key_blocks(x, block) for x in (k, v, seg, pos))
+    blocks = tuple(_key_blocks(x, block) for x in (k, v, seg_k, pos_k))
     (m, l, acc), _ = jax.lax.scan(step, init, blocks)
     has_key = l > 0
     out = acc / jnp.where(has_key, l, 1.0)[..., None]
@@ -92,18 +110,18 @@ def _flash_forward(q, k, v, seg, pos, block):
     return jnp.moveaxis(out, 1, 2).astype(q.dtype), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, seg, pos, block):
-    return _flash_forward(q, k, v, seg, pos, block)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, seg, pos, seg_k, pos_k, block):
+    return _flash_forward(q, k, v, seg, pos, seg_k, pos_k, block)[0]
 
 
-def _flash_fwd(q, k, v, seg, pos, block):
-    out, lse = _flash_forward(q, k, v, seg, pos, block)
-    return out, (q, k, v, seg, pos, out, lse)
+def _flash_fwd(q, k, v, seg, pos, seg_k, pos_k, block):
+    out, lse = _flash_forward(q, k, v, seg, pos, seg_k, pos_k, block)
+    return out, (q, k, v, seg, pos, seg_k, pos_k, out, lse)
 
 
 def _flash_bwd(block, res, d_out):
-    q, k, v, seg, pos, out, lse = res
+    q, k, v, seg, pos, seg_k, pos_k, out, lse = res
     scale = q.shape[-1] ** -0.5
     do = d_out.astype(jnp.float32)
     delta = jnp.einsum("bqhd,bqhd->bhq", do, out.astype(jnp.float32))
@@ -119,11 +137,11 @@ def _flash_bwd(block, res, d_out):
         dk_blk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(jnp.float32))
         return dq, (dk_blk, dv_blk)
 
-    blocks = tuple(_key_blocks(x, block) for x in (k, v, seg, pos))
+    blocks = tuple(_key_blocks(x, block) for x in (k, v, seg_k, pos_k))
     dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
     unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)
     return (dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
-            None, None)
+            None, None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -131,10 +149,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 IMPLEMENTATIONS = ("dense", "blockwise")
 
 
-def attend(impl: str, q, k, v, segment_ids, mask_pos, block_size: int = 512):
+def attend(impl: str, q, k, v, segment_ids, mask_pos, block_size: int = 512,
+           kv_segment_ids=None, kv_mask_pos=None):
     """Dispatch on `model.attention`; the only entry point the transformer uses."""
     if impl == "dense":
-        return dense_attention(q, k, v, segment_ids, mask_pos)
+        return dense_attention(q, k, v, segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, segment_ids, mask_pos, block_size)
+        return blockwise_attention(q, k, v, segment_ids, mask_pos, block_size, kv_segment_ids,
+                                   kv_mask_pos)
     raise ValueError(f"model.attention={impl!r}; expected one of {IMPLEMENTATIONS}")

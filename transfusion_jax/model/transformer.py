@@ -3,6 +3,10 @@
 The blocks are stacked with `nn.scan` (one compiled block, a leading "layers" axis on every
 block parameter) so that compile time does not grow with depth; `remat` wraps the block in
 activation checkpointing. Attention runs under the Transfusion mask (see attention.py).
+
+Decoding passes a `KVCache` (kv_cache.py): each layer writes its chunk's keys and values into its
+slice of the cache and attends to the whole cache, under the same mask rule; the transformer
+returns the written cache with its hidden states. Training passes no cache.
 """
 from typing import Any
 
@@ -11,6 +15,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from transfusion_jax.model import attention
+from transfusion_jax.model.kv_cache import KVCache, write_mask_vectors, write_rows
 from transfusion_jax.model.layers import Dense, RMSNorm, constrain, default_init, logical
 
 ACT = ("batch", "length", "embed")  # logical axes of the residual stream
@@ -37,7 +42,10 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, segment_ids, mask_pos, positions):
+    def __call__(self, x, segment_ids, mask_pos, positions, kv=None, kv_meta=None):
+        """kv: this layer's cached (k, v) [B, S, H, Dh] or None; kv_meta: the cache's
+        (segment_ids, mask_pos) with this chunk's written, and the chunk's start [B].
+        Returns the output, and the cached (k, v) with the chunk's written (None without)."""
         head_dim = self.dim // self.heads
 
         def proj(name):
@@ -51,10 +59,16 @@ class Attention(nn.Module):
             q = RMSNorm(self.norm_eps, "kv", self.dtype, name="q_norm")(q)
             k = RMSNorm(self.norm_eps, "kv", self.dtype, name="k_norm")(k)
         q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
-        o = attention.attend(self.impl, q, k, v, segment_ids, mask_pos, self.block_size)
+        if kv is None:
+            o = attention.attend(self.impl, q, k, v, segment_ids, mask_pos, self.block_size)
+        else:
+            kv_segment_ids, kv_mask_pos, start = kv_meta
+            kv = (write_rows(kv[0], k, start), write_rows(kv[1], v, start))
+            o = attention.attend(self.impl, q, *kv, segment_ids, mask_pos, self.block_size,
+                                 kv_segment_ids, kv_mask_pos)
         out = self.param("out", logical(default_init(), ("heads", "kv", "embed")),
                          (self.heads, head_dim, self.dim), jnp.float32)
-        return jnp.einsum("blhk,hkd->bld", o, out.astype(self.dtype))
+        return jnp.einsum("blhk,hkd->bld", o, out.astype(self.dtype)), kv
 
 
 class SwiGLU(nn.Module):
@@ -76,30 +90,41 @@ class Block(nn.Module):
     cfg: Any  # config.model
 
     @nn.compact
-    def __call__(self, x, segment_ids, mask_pos, positions):
+    def __call__(self, x, segment_ids, mask_pos, positions, kv=None, kv_meta=None):
         c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         h = RMSNorm(c.norm_eps, dtype=dtype, name="attn_norm")(x)
-        x = x + Attention(c.dim, c.heads, c.attention, c.attention_block, c.rope_theta,
+        a, kv = Attention(c.dim, c.heads, c.attention, c.attention_block, c.rope_theta,
                           c.qk_norm, c.norm_eps, dtype, name="attn")(h, segment_ids, mask_pos,
-                                                                      positions)
+                                                                      positions, kv, kv_meta)
+        x = x + a
         h = RMSNorm(c.norm_eps, dtype=dtype, name="mlp_norm")(x)
         x = constrain(x + SwiGLU(c.dim, c.mlp_dim, dtype, name="mlp")(h), ACT)
-        return x, None
+        return x, kv
 
 
 class Transformer(nn.Module):
-    """[B, L, D] embeddings -> [B, L, D] final-normed hidden states."""
+    """[B, L, D] embeddings -> [B, L, D] final-normed hidden states.
+
+    With a `cache` (decoding) the L elements are a chunk placed at each row's `cache.length`,
+    in cache coordinates; returns (hidden states, the cache with the chunk written)."""
 
     cfg: Any
 
     @nn.compact
-    def __call__(self, x, segment_ids, mask_pos, positions):
+    def __call__(self, x, segment_ids, mask_pos, positions, cache: KVCache | None = None):
         block = Block
         if self.cfg.remat:
             block = nn.remat(block, prevent_cse=False,
                              policy=jax.checkpoint_policies.nothing_saveable)
+        # The cached (k, v) are scanned with the layers (leading depth axis); the rest broadcast.
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                         length=self.cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = stack(self.cfg, name="blocks")(constrain(x, ACT), segment_ids, mask_pos, positions)
-        return RMSNorm(self.cfg.norm_eps, dtype=jnp.dtype(self.cfg.dtype), name="final_norm")(x)
+        kv = kv_meta = None
+        if cache is not None:
+            cache = write_mask_vectors(cache, segment_ids, mask_pos)
+            kv, kv_meta = (cache.k, cache.v), (cache.segment_ids, cache.mask_pos, cache.length)
+        x, kv = stack(self.cfg, name="blocks")(constrain(x, ACT), segment_ids, mask_pos,
+                                               positions, kv, kv_meta)
+        h = RMSNorm(self.cfg.norm_eps, dtype=jnp.dtype(self.cfg.dtype), name="final_norm")(x)
+        return h if cache is None else (h, cache._replace(k=kv[0], v=kv[1]))

@@ -36,7 +36,27 @@ class Transfusion(nn.Module):
                              name="lm_head")
 
     def __call__(self, batch, noised_images, timesteps):
+        x, images = self._embed(batch, noised_images, timesteps)
+        h = self.transformer(x, batch["segment_ids"], batch["mask_pos"], batch["positions"])
+        return self._outputs(h, batch, images)
+
+    def extend(self, chunk, noised_images, timesteps, cache, logits: bool = True):
+        """Decoding: run a chunk of elements against a KVCache (kv_cache.py) -> (outputs, cache
+        with the chunk written; its `length` unchanged). `chunk` has the batch-contract keys
+        except targets/weights, in cache coordinates (see kv_cache.py); `noised_images` may be
+        None for a text-only chunk. `logits=False` skips the LM head (denoising steps)."""
+        x, images = self._embed(chunk, noised_images, timesteps)
+        h, cache = self.transformer(x, chunk["segment_ids"], chunk["mask_pos"],
+                                    chunk["positions"], cache)
+        return self._outputs(h, chunk, images, logits), cache
+
+    def _embed(self, batch, noised_images, timesteps):
+        """Sequence inputs [B, L, D] (token embeddings, patch vectors where patch_index >= 0) and
+        what the outputs need of the images (None without images)."""
         c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        text = jnp.take(self.embed, batch["tokens"], axis=0).astype(dtype)
+        if noised_images is None:
+            return constrain(text, ("batch", "length", "embed")), None
         b, m, size, _, ch = noised_images.shape
         if size != c.latent_size or ch != c.latent_channels:
             raise ValueError(f"noised_images {noised_images.shape}: expected [B, M, "
@@ -48,15 +68,20 @@ class Transfusion(nn.Module):
         patches = grid.reshape(b, m * gh * gw, c.dim).astype(dtype)
 
         index = batch["patch_index"]
-        text = jnp.take(self.embed, batch["tokens"], axis=0).astype(dtype)
         from_patch = jnp.take_along_axis(patches, jnp.maximum(index, 0)[..., None], axis=1)
         x = jnp.where((index >= 0)[..., None], from_patch, text)
+        return constrain(x, ("batch", "length", "embed")), (t, skips, (b, m, gh, gw, size, ch))
 
-        h = self.transformer(constrain(x, ("batch", "length", "embed")), batch["segment_ids"],
-                             batch["mask_pos"], batch["positions"])
-        logits = constrain(self.lm_head(h).astype(jnp.float32), ("batch", "length", "vocab"))
-
-        rows = batch["patch_positions"].reshape(b, m * gh * gw, 1)
-        out = jnp.take_along_axis(h, rows, axis=1).reshape(b * m, gh, gw, c.dim)
-        eps = self.patch_decoder(out, skips, t).astype(jnp.float32)
-        return {"logits": logits, "eps": eps.reshape(b, m, size, size, ch)}
+    def _outputs(self, h, batch, images, logits: bool = True):
+        """{"logits" [B, L, V] (when asked), "eps" [B, M, H, W, C] (when there are images)}."""
+        out = {}
+        if logits:
+            out["logits"] = constrain(self.lm_head(h).astype(jnp.float32),
+                                      ("batch", "length", "vocab"))
+        if images is not None:
+            t, skips, (b, m, gh, gw, size, ch) = images
+            rows = batch["patch_positions"].reshape(b, m * gh * gw, 1)
+            per_patch = jnp.take_along_axis(h, rows, axis=1).reshape(b * m, gh, gw, self.cfg.dim)
+            eps = self.patch_decoder(per_patch, skips, t).astype(jnp.float32)
+            out["eps"] = eps.reshape(b, m, size, size, ch)
+        return out
