@@ -20,6 +20,11 @@ setup(
         "absl-py>=2.1",
         "numpy>=2.0",
         "pillow>=10.0",
+        # TensorBoard event files without TensorFlow (flax/clu writers need TF).
+        "tensorboardX>=2.6,<3",
     ],
+    entry_points={"console_scripts": [
+        "transfusion-train=transfusion_jax.train:main",
+    ]},
     extras_require={"test": ["pytest>=8"]},
 )
