@@ -2,17 +2,21 @@
 
     --config experiments/transfusion.py:SIZE[,patch=linear|unet][,patch_size=K]
 
-SIZE is tiny (tests and the CPU demo) or one of Table 2: 0.16b, 0.37b, 0.76b, 1.4b, 7b.
+SIZE is tiny (tests), demo (`make demo`: the shapes world on a CPU) or one of Table 2:
+0.16b, 0.37b, 0.76b, 1.4b, 7b. patch_size 0 means the size's default: 2 (the paper's) for
+Table 2 sizes, 4 for tiny and 8 for demo, which see pixels through the identity autoencoder.
 """
 import ml_collections
 
 from transfusion_jax.config import parse_arg
+from transfusion_jax.data.config import get_data_config
 from transfusion_jax.model.unet import UNET_PRESETS
 from transfusion_jax.sharding import DEFAULT_RULES
 
 # Table 2: (layers, embedding dim, attention heads).
 SIZES = {
     "tiny": (2, 64, 4),
+    "demo": (4, 256, 4),
     "0.16b": (16, 768, 12),
     "0.37b": (24, 1024, 16),
     "0.76b": (24, 1536, 24),
@@ -27,34 +31,64 @@ def llama_mlp_dim(dim: int, multiple_of: int = 256) -> int:
     return multiple_of * -(-hidden // multiple_of)
 
 
+# Small sizes train on pixels of the shapes world: (image size, default patch size).
+PIXEL_SIZES = {"tiny": (16, 4), "demo": (64, 8)}
+
+
 def model_config(size: str, patch: str, patch_size: int) -> ml_collections.ConfigDict:
     if size not in SIZES:
         raise ValueError(f"config arg size={size!r}; expected one of {list(SIZES)}")
     depth, dim, heads = SIZES[size]
-    tiny = size == "tiny"
+    small = size in PIXEL_SIZES
+    # Paper sizes: latents of the frozen VAE, 256x256 pixels -> 32x32x8 (paper 4.1).
+    latent_size, default_patch = PIXEL_SIZES.get(size, (32, 2))
     return ml_collections.ConfigDict(dict(
-        vocab_size=512 if tiny else 32000,  # paper: the Llama 2 tokenizer
+        vocab_size=512 if small else 32000,  # paper: the Llama 2 tokenizer
         dim=dim, depth=depth, heads=heads,
-        mlp_dim=4 * dim if tiny else llama_mlp_dim(dim),
+        mlp_dim=4 * dim if small else llama_mlp_dim(dim),
         rope_theta=10000.0, norm_eps=1e-5, qk_norm=False,
-        attention="dense" if tiny else "blockwise", attention_block=512,
-        # Latents of the frozen autoencoder: 256x256 pixels -> 32x32x8 (paper 4.1).
-        latent_size=8 if tiny else 32, latent_channels=4 if tiny else 8,
-        patch=patch, patch_size=patch_size,
-        unet=UNET_PRESETS["tiny" if tiny else "paper"],  # ~0.27B at 32x32x8, k=2 (paper 4.1)
-        dtype="float32" if tiny else "bfloat16", remat=not tiny,
+        attention="dense" if small else "blockwise", attention_block=512,
+        latent_size=latent_size, latent_channels=3 if small else 8,
+        patch=patch, patch_size=patch_size or default_patch,
+        unet=UNET_PRESETS["tiny" if small else "paper"],  # ~0.27B at 32x32x8, k=2 (paper 4.1)
+        dtype="float32" if small else "bfloat16", remat=not small,
     ))
 
 
+def data_config(size: str) -> ml_collections.ConfigDict:
+    if size == "tiny":
+        return get_data_config(seq_len=128, batch_size=8, image_size=16, max_images=4,
+                               tokenizer_vocab_size=512, tokenizer_train_documents=2000,
+                               shapes_num_documents=2000)
+    if size == "demo":
+        return get_data_config(seq_len=512, batch_size=8, image_size=64, max_images=4,
+                               tokenizer_vocab_size=512)
+    # Paper: rows of 4096, 2M elements per batch; the Llama 2 tokenizer (set tokenizer_model).
+    return get_data_config(seq_len=4096, batch_size=512, image_size=256)
+
+
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", patch="linear", patch_size=2)
+    arg = parse_arg(arg, size="tiny", patch="linear", patch_size=0)
+    small = arg.size in PIXEL_SIZES
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config(arg.size, arg.patch, arg.patch_size)
+    config.data = data_config(arg.size)
+    # The frozen autoencoder between pixels and latents; identity until one is trained.
+    config.autoencoder = dict(kind="identity" if small else "vae", downsample=1 if small else 8,
+                              checkpoint="")
     config.diffusion = dict(schedule="cosine", timesteps=1000, ddpm_weight=5.0)
-    config.optimizer = dict(lr=3e-4, warmup_steps=4000, final_lr=1.5e-5, b1=0.9, b2=0.95,
-                            eps=1e-8, weight_decay=0.1, grad_clip=1.0)
-    config.total_steps = 250_000
+    config.optimizer = dict(lr=1e-3 if small else 3e-4,
+                            warmup_steps={"tiny": 10, "demo": 100}.get(arg.size, 4000),
+                            final_lr=1e-4 if small else 1.5e-5, b1=0.9, b2=0.95, eps=1e-8,
+                            weight_decay=0.1, grad_clip=1.0)
+    config.total_steps = {"tiny": 100, "demo": 2000}.get(arg.size, 250_000)
+    config.stop_at_step = 0  # >0: checkpoint and stop after this step, as on preemption
+    config.grad_accum = 1  # microbatches per step
+    config.ema_decay = 0.0  # 0: no EMA of params
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
+    config.log_every = 10 if small else 100
+    config.checkpoint_every = 500 if small else 2000
+    config.keep_checkpoints = 3
     return config

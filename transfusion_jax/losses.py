@@ -22,12 +22,16 @@ def ddpm_loss_terms(eps_hat, eps, image_mask):
     return jnp.sum(per_image * used), jnp.sum(used)
 
 
-def transfusion_loss(outputs, batch, noise, ddpm_weight: float = 5.0):
-    """Total loss and a metrics dict; `noise` is the eps that produced the noised latents."""
+def transfusion_loss(outputs, batch, noise, ddpm_weight: float = 5.0, normalizers=None):
+    """Total loss and a metrics dict; `noise` is the eps that produced the noised latents.
+
+    `normalizers` = (text tokens, images) of the whole batch when `batch` is one microbatch of
+    it, so that the microbatch losses (and gradients) add up to the whole batch's exactly."""
     lm_sum, tokens = lm_loss_terms(outputs["logits"], batch["targets"], batch["text_weights"])
     ddpm_sum, images = ddpm_loss_terms(outputs["eps"], noise, batch["image_mask"])
-    lm = lm_sum / jnp.maximum(tokens, 1.0)
-    ddpm = ddpm_sum / jnp.maximum(images, 1.0)
+    norm_tokens, norm_images = normalizers if normalizers is not None else (tokens, images)
+    lm = lm_sum / jnp.maximum(norm_tokens, 1.0)
+    ddpm = ddpm_sum / jnp.maximum(norm_images, 1.0)
     loss = lm + ddpm_weight * ddpm
     metrics = {"loss": loss, "lm_loss": lm, "diffusion_loss": ddpm,
                "lm_loss_sum": lm_sum, "diffusion_loss_sum": ddpm_sum,

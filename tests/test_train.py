@@ -1,0 +1,176 @@
+"""The trainer: sharded steps, gradient accumulation, exact resume, preemption, config errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transfusion_jax import checkpoint, sharding, train, train_state
+from transfusion_jax.config import load_config
+from transfusion_jax.metrics import TIMING_KEYS
+from transfusion_jax.model import patches_per_image
+from rows import build_rows
+
+TINY = "experiments/transfusion.py:tiny"
+DOCS = [[[5, "image", 3], [4]], [["image", 6]], [[9], [2, "image"]], [[3, "image", "image"]]]
+
+
+def synthetic_batch(cfg, rows=8, length=128, slots=4):
+    docs = [DOCS[i % len(DOCS)] for i in range(rows)]
+    batch, _ = build_rows(docs, length, slots, patches_per_image(cfg.model))
+    size = cfg.data.image_size
+    rng = np.random.default_rng(0)
+    batch["images"] = rng.uniform(-1, 1, (rows, slots, size, size, 3)).astype(np.float32)
+    batch["max_timestep"][:, 1] = 500
+    return batch
+
+
+def run_steps(cfg, mesh_config, steps=3, devices=None):
+    """(losses, params) after `steps` jitted steps on a mesh, as the trainer builds them."""
+    mesh = sharding.make_mesh(mesh_config, devices)
+    model, tx = train_state.model_and_optimizer(cfg)
+    inputs = train_state.example_inputs(cfg.model, 128, 4)
+    state = train_state.init_state(cfg, model, tx, inputs, mesh, seed=0)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    data = sharding.batch_sharding(mesh)
+    step = jax.jit(train.make_train_step(cfg, model, tx), in_shardings=(shardings, data),
+                   out_shardings=(shardings, None))
+    batch = jax.device_put(synthetic_batch(cfg), data)
+    losses = []
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(cfg.sharding_rules)):
+        for _ in range(steps):
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params), state
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+    cfg = load_config(TINY)
+    return run_steps(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}],
+                         ids=["data", "fsdp", "fsdp+tensor"])
+def test_sharded_steps_equal_single_device(mesh, single_device_run):
+    losses, params, state = run_steps(load_config(TINY), mesh)
+    ref_losses, ref_params, _ = single_device_run
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4),
+                 params, ref_params)
+    if "fsdp" in mesh:  # parameters and Adam moments are really split
+        assert state.params["embed"].sharding.spec[1] == "fsdp"  # [vocab, embed]
+        mu = state.opt_state[1][0].mu["embed"]
+        assert mu.sharding.spec == state.params["embed"].sharding.spec
+
+
+def test_gradient_accumulation_equals_whole_batch(single_device_run):
+    cfg = load_config(TINY)
+    cfg.grad_accum = 4
+    losses, params, _ = run_steps(cfg, {"data": 1, "fsdp": 1, "tensor": 1},
+                                  devices=jax.devices()[:1])
+    ref_losses, ref_params, _ = single_device_run
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5),
+                 params, ref_params)
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(mesh={"data": 3}), "mesh"),
+    (dict(data={"batch_size": 6}), "data.batch_size=6 must be divisible by mesh data*fsdp=8"),
+    (dict(grad_accum=3), "grad_accum=3"),
+    (dict(model={"heads": 3}, mesh={"data": 4, "tensor": 2}), "model.heads=3"),
+    (dict(data={"seq_len": 12}), "data.seq_len"),  # 16 patches + BOI + EOI > 12
+    (dict(data={"image_size": 32}), "data.image_size=32 must equal model.latent_size=16"),
+    (dict(autoencoder={"kind": "vq"}), "autoencoder.kind='vq'"),
+    (dict(optimizer={"warmup_steps": 500}), "optimizer.warmup_steps=500"),
+])
+def test_impossible_configs_name_the_fields(override, message):
+    cfg = load_config(TINY)
+    for key, value in override.items():
+        if isinstance(value, dict) and key != "mesh":
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    with pytest.raises(ValueError, match=message.replace("*", r"\*").replace("(", r"\(")):
+        train.check_config(cfg, 8)
+
+
+# ---------------------------------------------------------------- the CLI, as users run it
+
+def cli(workdir, *overrides, wait=True):
+    args = [sys.executable, "-m", "transfusion_jax.train", "--config", TINY, "--workdir",
+            str(workdir), "--config.optimizer.warmup_steps=10", "--config.checkpoint_every=25",
+            *overrides]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    if not wait:
+        return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics_lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+
+
+def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
+    """100 steps straight; then 50 + stop + resume 50: same metrics lines, bit-equal params."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    out = cli(straight)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "checkpoints:" in out.stderr and "tensorboard" in out.stderr
+    lines = metrics_lines(straight)
+    assert [m["step"] for m in lines] == list(range(1, 101))
+    first = np.mean([m["loss"] for m in lines[:10]])
+    last = np.mean([m["loss"] for m in lines[-10:]])
+    assert last < 0.8 * first, (first, last)
+    assert os.listdir(straight / "tensorboard")
+
+    out = cli(resumed, "--config.stop_at_step=50")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(metrics_lines(resumed)) == 50
+    out = cli(resumed)
+    assert out.returncode == 0 and "resumed from" in out.stderr, out.stderr[-3000:]
+    assert metrics_lines(resumed) == lines
+    _, p_straight = checkpoint.load_for_inference(str(straight))
+    _, p_resumed = checkpoint.load_for_inference(str(resumed))
+    for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed)):
+        assert np.array_equal(a, b)
+
+
+def test_sigterm_checkpoints_and_the_run_continues(tmp_path):
+    proc = cli(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000",
+               wait=False)
+    path = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (path.exists() and len(path.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM" in err
+    stopped = int(err.split("stopped at step ")[1].split(".")[0])
+    assert stopped >= 3 and os.listdir(tmp_path / "checkpoints") == [str(stopped)]
+    out = cli(tmp_path, "--config.total_steps=100000", f"--config.stop_at_step={stopped + 2}")
+    assert out.returncode == 0 and f"resumed from {tmp_path}/checkpoints/{stopped}" in out.stderr
+    assert [m["step"] for m in metrics_lines(tmp_path)][-3:] == [stopped, stopped + 1, stopped + 2]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.dimm=3"], "unknown key 'dimm'"),
+    (["--config.model.dim=abc"], "--config.model.dim=abc"),
+    (["--config.data.batch_size=3"], "data.batch_size=3"),
+])
+def test_bad_overrides_fail_at_start_naming_the_key(tmp_path, args, message):
+    out = cli(tmp_path, *args)
+    assert out.returncode != 0
+    assert message in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "checkpoints").exists()

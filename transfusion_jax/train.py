@@ -1,0 +1,300 @@
+"""The Transfusion trainer.
+
+    python -m transfusion_jax.train --config experiments/transfusion.py:tiny --workdir DIR \
+        [--config.key=value ...]
+
+Reads top to bottom: config checks, the step (pixels -> frozen autoencoder -> noise -> model ->
+loss -> AdamW), then the loop (mesh, data, state or resume, compile once, steps, metrics one step
+late, checkpoints, preemption). Batch t is a function of (seed, t): the data order comes from the
+pipeline's seeded, checkpointed iterator and the step's noise from fold_in(seed key, t), so a
+resumed run continues bit for bit.
+"""
+import os
+import signal
+import sys
+import time
+
+from absl import app, flags
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import config_flags
+
+from transfusion_jax import checkpoint, diffusion, flops, losses, optim, sharding, train_state
+from transfusion_jax.data.config import check_fits
+from transfusion_jax.data.pipeline import make_pipeline
+from transfusion_jax.data.tokenizer import get_tokenizer
+from transfusion_jax.metrics import MetricsWriter
+from transfusion_jax.model import patches_per_image
+
+# ============================================================================ config checks
+
+
+def check_config(config, num_devices: int):
+    """Impossible combinations fail at start, naming the fields and the allowed values."""
+    m, d = config.model, config.data
+    mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+    data_parallel = mesh["data"] * mesh["fsdp"]
+    if d.batch_size % (data_parallel * config.grad_accum):
+        raise ValueError(
+            f"data.batch_size={d.batch_size} must be divisible by mesh data*fsdp={data_parallel} "
+            f"times grad_accum={config.grad_accum}")
+    for field in ("heads", "mlp_dim", "vocab_size"):
+        if m[field] % mesh["tensor"]:
+            raise ValueError(f"model.{field}={m[field]} must be divisible by mesh.tensor="
+                             f"{mesh['tensor']}")
+    if m.dim % m.heads:
+        raise ValueError(f"model.dim={m.dim} must be divisible by model.heads={m.heads}")
+    check_fits(d, patches_per_image(m))  # an image plus BOI and EOI must fit in a row
+    ae = config.autoencoder
+    if ae.kind != "identity":
+        raise ValueError(f"autoencoder.kind={ae.kind!r}: only 'identity' is available to the "
+                         "trainer so far (trained autoencoders: issue 5)")
+    if d.image_size != m.latent_size * ae.downsample:
+        raise ValueError(f"data.image_size={d.image_size} must equal model.latent_size="
+                         f"{m.latent_size} * autoencoder.downsample={ae.downsample}")
+    if m.latent_channels != 3:
+        raise ValueError(f"model.latent_channels={m.latent_channels}: the identity autoencoder "
+                         "passes RGB pixels, expected 3")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"ema_decay={config.ema_decay}: expected 0 (off) or in (0, 1)")
+    if config.grad_accum < 1:
+        raise ValueError(f"grad_accum={config.grad_accum}: expected an integer >= 1")
+    optim.learning_rate(config.optimizer, config.total_steps)  # checks warmup_steps
+
+
+# ============================================================================ the step
+
+
+def encode_images(config, images):
+    """Pixels -> latents of the frozen autoencoder (identity: the pixels themselves)."""
+    del config  # one kind so far; see check_config
+    return images
+
+
+def make_train_step(config, model, tx):
+    """train_step(state, batch) -> (state, metrics); pure, for jit with donation."""
+    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    lr = optim.learning_rate(config.optimizer, config.total_steps)
+    k = config.grad_accum
+
+    def loss_fn(params, batch, xt, t, noise, normalizers):
+        out = model.apply({"params": params}, batch, xt, t)
+        return losses.transfusion_loss(out, batch, noise, config.diffusion.ddpm_weight,
+                                       normalizers)
+
+    def micro(x):  # [B, ...] -> [k, B/k, ...]; microbatch i takes rows i, i+k, ... of every shard
+        return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+    def grads_and_metrics(params, inputs, normalizers):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if k == 1:
+            (_, metrics), grads = grad_fn(params, *inputs, normalizers)
+            return grads, metrics
+
+        def body(acc, mb):
+            (_, metrics), grads = grad_fn(params, *mb, normalizers)
+            return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+        zeros = jax.eval_shape(lambda: grad_fn(params, *jax.tree.map(lambda x: x[0],
+                                                                     jax.tree.map(micro, inputs)),
+                                               normalizers))
+        acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+        (grads, metrics), _ = jax.lax.scan(body, acc, jax.tree.map(micro, inputs))
+        return grads, metrics
+
+    def train_step(state, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        key_t, key_noise = jax.random.split(key)
+        x0 = encode_images(config, batch["images"])
+        t = diffusion.sample_timesteps(key_t, batch["max_timestep"])
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+        xt = diffusion.q_sample(schedule, x0, t, noise)
+        model_batch = {k_: v for k_, v in batch.items() if k_ != "images"}
+        normalizers = (batch["text_weights"].sum(), batch["image_mask"].sum().astype(jnp.float32))
+        grads, metrics = grads_and_metrics(state.params, (model_batch, xt, t, noise), normalizers)
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
+                               ema, params)
+        # A non-finite step changes nothing: the loop stops and the last checkpoint stays good.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                                  opt_state=keep(opt_state, state.opt_state),
+                                  ema_params=keep(ema, state.ema_params))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=lr(state.step),
+                       finite=finite.astype(jnp.float32))
+        return new_state, metrics
+
+    return train_step
+
+
+# ============================================================================ the loop
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints after the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        print(f"signal {signal.Signals(signum).name}: checkpointing after this step",
+              file=sys.stderr, flush=True)
+        self.requested = True
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) training in `workdir`; returns the last step's metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    check_config(config, jax.device_count())
+    checkpoint.write_config(workdir, config)
+
+    # --- mesh
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # --- data
+    tokenizer = get_tokenizer(config.data, workdir)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                         f"tokenizer's {tokenizer.vocab_size}")
+    pipeline = make_pipeline(config.data, patches_per_image=patches_per_image(config.model),
+                             tokenizer=tokenizer)
+
+    # --- model and state (restored when the workdir has a checkpoint)
+    model, tx = train_state.model_and_optimizer(config)
+    inputs = train_state.example_inputs(config.model, config.data.seq_len, pipeline.max_images)
+    manager = checkpoint.make_manager(workdir, every=1, keep=config.keep_checkpoints)
+    start = manager.latest_step() or 0
+    if start:
+        abstract = train_state.abstract_state(config, model, tx, inputs, mesh)
+        state, data_state = checkpoint.restore(manager, start, abstract)
+        pipeline.set_state(data_state)
+        print(f"resumed from {workdir}/checkpoints/{start}", file=sys.stderr)
+    else:
+        state = train_state.init_state(config, model, tx, inputs, mesh, config.seed)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    # --- compile once, log memory
+    step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0,
+                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+
+    def next_batch():
+        local = next(pipeline)
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batch = next_batch()
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch).compile()
+        _log_compile(compiled, time.perf_counter() - t0)
+
+    elements = config.data.batch_size * config.data.seq_len
+    step_flops = flops.flops_per_step(config.model, config.data.batch_size, config.data.seq_len)
+    peak, peak_source = flops.peak_flops()
+    peak *= jax.device_count()
+    writer = MetricsWriter(workdir, config.total_steps, resume_step=start)
+    preemption = Preemption()
+    stop_at = config.stop_at_step or config.total_steps
+
+    def report(step, metrics, data_metrics, seconds):
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m.update({f"data/{k}": v for k, v in data_metrics.items()})
+        m.update(elements_per_s=elements / seconds, flops_per_s=step_flops / seconds,
+                 mfu=step_flops / seconds / peak)
+        writer.write(step, m)
+        if step % config.log_every == 0 or step == config.total_steps:
+            writer.progress(step, m)
+        if not m["finite"]:
+            manager.wait_until_finished()
+            raise FloatingPointError(
+                f"loss or gradient not finite at step {step}; stopping. Last good checkpoint: "
+                f"{manager.latest_step()} in {workdir}/checkpoints")
+        return m
+
+    pending, last, step = None, {}, start
+    t_prev = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(start + 1, min(stop_at, config.total_steps) + 1):
+                state, metrics = compiled(state, batch)
+                data_metrics = pipeline.metrics()  # counters after this step's batch
+                if step % config.checkpoint_every == 0 or preemption.requested:
+                    checkpoint.save(manager, step, state, pipeline.get_state(), force=True)
+                if pending is not None:  # the previous step's metrics: logging never blocks
+                    last = report(*pending)
+                now = time.perf_counter()
+                pending, t_prev = (step, metrics, data_metrics, now - t_prev), now
+                if preemption.requested:
+                    break
+                if step < config.total_steps:
+                    batch = next_batch()
+            if pending is not None:
+                last = report(*pending)
+        if manager.latest_step() != step:
+            checkpoint.save(manager, step, state, pipeline.get_state(), force=True)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        pipeline.close()
+    print(f"stopped at step {step}. checkpoints: {workdir}/checkpoints  metrics: "
+          f"{workdir}/metrics.jsonl  tensorboard: {workdir}/tensorboard  (peak: {peak_source})",
+          file=sys.stderr)
+    return last
+
+
+def _log_compile(compiled, seconds: float):
+    mem = compiled.memory_analysis()
+    parts = [f"compiled the train step in {seconds:.1f}s"]
+    if mem is not None:
+        gib = lambda b: f"{b / 2**30:.3f} GiB"
+        parts.append(f"per-device memory: arguments {gib(mem.argument_size_in_bytes)}, "
+                     f"temporaries {gib(mem.temp_size_in_bytes)}, "
+                     f"outputs {gib(mem.output_size_in_bytes)}")
+    print("; ".join(parts), file=sys.stderr, flush=True)
+
+
+# ============================================================================ CLI
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/X.py[:arg]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go")
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except (KeyError, AttributeError) as e:  # ml_collections: unknown key in an override
+        message = str(e.args[0]).strip("'").replace("\\n", " ").replace("\\'", "'")
+        sys.exit(f"error: bad --config override: unknown key {message}")
+
+
+def _main(argv):
+    del argv
+    if _CONFIG.value is None or not _WORKDIR.value:
+        sys.exit("error: --config and --workdir are required")
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (ValueError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+
+
+def main():
+    app.run(_main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    main()
