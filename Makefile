@@ -16,8 +16,11 @@ install: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
+# The tiny Transfusion model on the shapes world, on CPU. Re-running resumes (or ends at once).
+DEMO_DIR ?= workdir/demo
 demo: $(BIN)/.installed
-	$(BIN)/python -m transfusion_jax.demo
+	JAX_PLATFORMS=cpu $(BIN)/transfusion-train --config experiments/transfusion.py:demo \
+		--workdir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -16,7 +16,7 @@ from transfusion_jax.sharding import DEFAULT_RULES
 # Table 2: (layers, embedding dim, attention heads).
 SIZES = {
     "tiny": (2, 64, 4),
-    "demo": (4, 256, 4),
+    "demo": (4, 128, 4),
     "0.16b": (16, 768, 12),
     "0.37b": (24, 1024, 16),
     "0.76b": (24, 1536, 24),
@@ -61,7 +61,7 @@ def data_config(size: str) -> ml_collections.ConfigDict:
                                tokenizer_vocab_size=512, tokenizer_train_documents=2000,
                                shapes_num_documents=2000)
     if size == "demo":
-        return get_data_config(seq_len=512, batch_size=8, image_size=64, max_images=4,
+        return get_data_config(seq_len=256, batch_size=8, image_size=64, max_images=3,
                                tokenizer_vocab_size=512)
     # Paper: rows of 4096, 2M elements per batch; the Llama 2 tokenizer (set tokenizer_model).
     return get_data_config(seq_len=4096, batch_size=512, image_size=256)
@@ -82,7 +82,7 @@ def get_config(arg=None):
                             warmup_steps={"tiny": 10, "demo": 100}.get(arg.size, 4000),
                             final_lr=1e-4 if small else 1.5e-5, b1=0.9, b2=0.95, eps=1e-8,
                             weight_decay=0.1, grad_clip=1.0)
-    config.total_steps = {"tiny": 100, "demo": 2000}.get(arg.size, 250_000)
+    config.total_steps = {"tiny": 100, "demo": 1000}.get(arg.size, 250_000)
     config.stop_at_step = 0  # >0: checkpoint and stop after this step, as on preemption
     config.grad_accum = 1  # microbatches per step
     config.ema_decay = 0.0  # 0: no EMA of params

@@ -33,12 +33,17 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(out)
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-    """'path/to/file.py[:arg]' -> that file's get_config(arg)."""
-    path, _, arg = spec.partition(":")
+def load_module(path: str):
+    """An experiment file as a module (for its get_config and helpers such as size tables)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path!r} does not exist")
     module_spec = importlib.util.spec_from_file_location("_experiment_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return module
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """'path/to/file.py[:arg]' -> that file's get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    return load_module(path).get_config(arg or None)

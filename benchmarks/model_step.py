@@ -1,0 +1,127 @@
+"""Training-step throughput of the Transfusion model: one JSON line of measured figures.
+
+    python benchmarks/model_step.py --dim 256 --depth 4 --heads 4 --batch 16 --text 64 \
+        --patches 64 --latent_channels 16 [--patch linear|unet] [--attention dense|blockwise]
+
+Each row is one document: BOS, caption, BOI, `patches` image elements, EOI, EOS, with `text`
+text elements in all (L = text + patches). The step is the trainer's own (noise, forward,
+backward, AdamW), jitted with donation; its time is the median of --steps runs after compile.
+MFU divides the analytic FLOPs (transformer matmuls + attention, see transfusion_jax/flops.py)
+by the matmul peak measured in this run on the same device and dtype.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transfusion_jax import flops, sharding, train, train_state
+from transfusion_jax.config import load_config, load_module
+
+EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "transfusion.py")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for name, default in (("dim", 256), ("depth", 4), ("heads", 4), ("batch", 16), ("text", 64),
+                          ("patches", 64), ("latent_channels", 16), ("patch_size", 2),
+                          ("vocab", 32000), ("steps", 10)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--patch", choices=("linear", "unet"), default="linear")
+    p.add_argument("--attention", choices=("dense", "blockwise"), default="dense")
+    p.add_argument("--attention_block", type=int, default=512)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   default="float32" if jax.default_backend() == "cpu" else "bfloat16")
+    p.add_argument("--remat", action="store_true")
+    return p.parse_args()
+
+
+def make_config(a):
+    side = math.isqrt(a.patches)
+    if side * side != a.patches or a.text < 5:
+        raise SystemExit(f"--patches={a.patches} must be a square and --text={a.text} >= 5")
+    config = load_config(f"{EXPERIMENT}:0.16b,patch={a.patch},patch_size={a.patch_size}")
+    config.model.update(dim=a.dim, depth=a.depth, heads=a.heads, vocab_size=a.vocab,
+                        mlp_dim=load_module(EXPERIMENT).llama_mlp_dim(a.dim),
+                        latent_size=side * a.patch_size, latent_channels=a.latent_channels,
+                        attention=a.attention, attention_block=a.attention_block,
+                        dtype=a.dtype, remat=a.remat)
+    if a.patch == "unet":
+        config.model.unet = load_module(EXPERIMENT).UNET_PRESETS["tiny"]
+    config.optimizer.warmup_steps = 10
+    return config
+
+
+def make_batch(a, cfg):
+    """One document per row, laid out as the batch contract says:
+    BOS, caption (text - 4 tokens), BOI, the image's patches, EOI, EOS."""
+    length, p = a.text + a.patches, a.patches
+    boi = a.text - 3
+    idx = np.arange(length)
+    is_patch = (idx > boi) & (idx <= boi + p)
+    tokens = np.random.default_rng(0).integers(5, a.vocab, length)
+    tokens[is_patch] = 0
+    tokens[[0, boi, boi + p + 1, length - 1]] = (1, 3, 4, 2)  # BOS, BOI, EOI, EOS
+    next_is_text = np.append(~is_patch[1:], False)
+    row = dict(tokens=tokens, segment_ids=np.ones(length), positions=idx,
+               mask_pos=np.where(is_patch, boi + p, idx),
+               patch_index=np.where(is_patch, idx - boi - 1, -1),
+               targets=np.where(next_is_text, np.roll(tokens, -1), 0),
+               text_weights=~is_patch & next_is_text & (tokens != 3))
+    batch = {k: np.tile(np.asarray(v, np.float32 if k == "text_weights" else np.int32), (a.batch, 1))
+             for k, v in row.items()}
+    batch["patch_positions"] = np.tile(idx[is_patch].astype(np.int32), (a.batch, 1, 1))
+    batch["image_mask"] = np.ones((a.batch, 1), bool)
+    batch["max_timestep"] = np.full((a.batch, 1), 1000, np.int32)
+    size = cfg.model.latent_size
+    batch["images"] = np.random.default_rng(1).standard_normal(
+        (a.batch, 1, size, size, a.latent_channels)).astype(np.float32)
+    return batch
+
+
+def main():
+    a = parse_args()
+    config = make_config(a)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model, tx = train_state.model_and_optimizer(config)
+    inputs = train_state.example_inputs(config.model, a.text + a.patches, 1)
+    state = train_state.init_state(config, model, tx, inputs, mesh, seed=0)
+    batch = jax.device_put(make_batch(a, config), jax.devices()[0])
+    step = jax.jit(train.make_train_step(config, model, tx), donate_argnums=0)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, batch)  # warm-up
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+
+    seconds = statistics.median(times)
+    length = a.text + a.patches
+    analytic = flops.flops_per_step(config.model, a.batch, length)
+    xla = (compiled.cost_analysis() or {}).get("flops")
+    peak = flops.measure_matmul_peak(jax.devices()[0], jnp.dtype(a.dtype))
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    print(json.dumps(dict(
+        device=jax.devices()[0].device_kind, dtype=a.dtype, params=params,
+        dim=a.dim, depth=a.depth, heads=a.heads, batch=a.batch, length=length,
+        patch=a.patch, attention=a.attention,
+        analytic_flops_per_step=analytic, xla_flops_per_step=xla,
+        seconds_per_step=seconds, compile_s=round(compile_s, 2),
+        elements_per_s=a.batch * length / seconds,
+        matmul_peak_flops_per_s=peak, mfu=analytic / seconds / peak,
+        loss=float(metrics["loss"]))))
+
+
+if __name__ == "__main__":
+    main()
