@@ -14,7 +14,7 @@ from transfusion_jax.sharding import DEFAULT_RULES
 
 # channels: width per level (len - 1 stride-2 levels: 8x downsampling for four levels).
 SIZES = {
-    "tiny": dict(channels=(8, 16), num_res_blocks=1, image_size=16, batch_size=4, codebook=64),
+    "tiny": dict(channels=(8, 16), num_res_blocks=1, image_size=16, batch_size=8, codebook=64),
     "small": dict(channels=(32, 64, 64, 128), num_res_blocks=1, image_size=64, batch_size=16,
                   codebook=16384),
     "paper": dict(channels=(128, 256, 512, 512), num_res_blocks=2, image_size=256,
@@ -61,9 +61,15 @@ def get_config(arg=None):
     config.data = dict(source="shapes", image_size=s["image_size"], batch_size=s["batch_size"],
                        heldout_images=256 if arg.size != "tiny" else 8)
     # Adam with taming-transformers' betas for both generator and discriminator.
-    config.optimizer = dict(lr=1e-4 if arg.size == "paper" else 1e-3, b1=0.5, b2=0.9,
-                            warmup_steps=100, grad_clip=1.0)
+    lr = 1e-4 if arg.size == "paper" else 1e-3
+    config.optimizer = dict(lr=lr, final_lr=lr / 10, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
+                            warmup_steps={"paper": 5000, "small": 100, "tiny": 1}[arg.size],
+                            grad_clip=1.0)
     config.total_steps = {"paper": 1_000_000, "small": 20_000, "tiny": 4}[arg.size]
+    config.time_limit_s = 0  # > 0: stop (evaluate, checkpoint) after this much wall time
+    config.log_every = {"paper": 100, "small": 50, "tiny": 1}[arg.size]
+    config.eval_every = {"paper": 10_000, "small": 500, "tiny": 2}[arg.size]
+    config.checkpoint_every = {"paper": 10_000, "small": 2_000, "tiny": 2}[arg.size]
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
     return config
