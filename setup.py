@@ -26,5 +26,13 @@ setup(
     entry_points={"console_scripts": [
         "transfusion-train=transfusion_jax.train:main",
     ]},
-    extras_require={"test": ["pytest>=8"]},
+    extras_require={
+        # Test-only PyTorch references for the parity tests (LPIPS, SD VAE import); the library
+        # itself never imports torch. torch 2.13.0 is the CPU wheel this workplace keeps on disk
+        # (elsewhere pip may fetch a CUDA build); lpips pulls a torchvision that does not import
+        # beside it, which the tests work around (tests/test_lpips.py, tests/test_sd_import.py).
+        "parity": ["torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1", "safetensors>=0.4"],
+        "test": ["pytest>=8", "torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1",
+                 "safetensors>=0.4"],
+    },
 )
