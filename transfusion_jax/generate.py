@@ -365,3 +365,13 @@ def _concat_prompts(a: Prompt, b: Prompt) -> Prompt:
                               jnp.pad(im, ((0, 0), (0, slots - im.shape[1])) + ((0, 0),) * 3))
         images = jnp.concatenate([fill(ia, a.lengths.shape[0]), fill(ib, b.lengths.shape[0])])
     return Prompt(chunk, images, jnp.concatenate([a.lengths, b.lengths]))
+
+
+def main(argv=None):
+    """`python -m transfusion_jax.generate --workdir DIR ...`; see generate_cli.py."""
+    from transfusion_jax.generate_cli import main as cli_main
+    cli_main(argv)
+
+
+if __name__ == "__main__":
+    main()
