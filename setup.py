@@ -25,6 +25,7 @@ setup(
     ],
     entry_points={"console_scripts": [
         "transfusion-train=transfusion_jax.train:main",
+        "transfusion-generate=transfusion_jax.generate:main",
     ]},
     extras_require={
         # Test-only PyTorch references for the parity tests (LPIPS, SD VAE import); the library
