@@ -10,6 +10,7 @@ from PIL import Image
 
 from transfusion_jax import train_autoencoder
 from transfusion_jax.config import load_config
+from transfusion_jax.model.autoencoder import Autoencoder
 
 
 def test_tiny_vq_run(tmp_path):
@@ -28,6 +29,13 @@ def test_tiny_vq_run(tmp_path):
     assert grid.shape == (2 * 16, 8 * 16, 3)
     assert os.path.isdir(tmp_path / "checkpoints" / "2")
     assert not os.path.exists(tmp_path / "latent_stats.json")  # the VAE's only
+    # The checkpoint loads back frozen and reconstructs the held-out images as in training.
+    loaded_config, variables, stats = train_autoencoder.load_frozen(str(tmp_path))
+    assert stats is None and loaded_config.model.kind == "vq"
+    evaluate = train_autoencoder.make_eval(Autoencoder(loaded_config.model))
+    heldout = train_autoencoder.scene_batch(config.seed, "heldout", 0, 8, 16)
+    again, _ = train_autoencoder.evaluate_heldout(loaded_config, evaluate, variables, heldout)
+    assert again["heldout_psnr"] == pytest.approx(results["heldout_psnr"], abs=1e-4)
 
 
 def test_identity_has_nothing_to_train(tmp_path):

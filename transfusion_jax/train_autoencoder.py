@@ -100,7 +100,7 @@ def make_train_step(config, model, disc, tx, dtx, gan: bool):
         if gan:
             state, d_metrics = _disc_update(loss_cfg, disc, dtx, state, x, recon)
             metrics.update(d_metrics)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["psnr"] = jnp.mean(L.psnr(x, recon))
         return state.replace(step=state.step + 1), metrics
 
@@ -129,20 +129,19 @@ def scene_batch(seed: int, split: str, start: int, n: int, size: int):
 
 def make_eval(model):
     @jax.jit
-    def evaluate(state, x):
-        enc = model.apply({"params": state.params, **state.vq}, x, method=Autoencoder.encode)
-        recon = model.apply({"params": state.params, **state.vq}, enc.latents,
-                            method=Autoencoder.decode)
+    def evaluate(variables, x):
+        enc = model.apply(variables, x, method=Autoencoder.encode)
+        recon = model.apply(variables, enc.latents, method=Autoencoder.decode)
         return recon, enc.latents, enc.ids
     return evaluate
 
 
-def evaluate_heldout(config, evaluate, state, heldout):
+def evaluate_heldout(config, evaluate, variables, heldout):
     """PSNR, shapes-parser recovery, and latent statistics (VAE) or code usage (VQ)."""
     x, scenes = heldout
     recons, latents, ids = [], [], []
     for i in range(0, len(x), config.data.batch_size):
-        r, z, c = evaluate(state, jnp.asarray(x[i:i + config.data.batch_size]))
+        r, z, c = evaluate(variables, jnp.asarray(x[i:i + config.data.batch_size]))
         recons.append(np.asarray(r)), latents.append(np.asarray(z))
         if c is not None:
             ids.append(np.asarray(c))
@@ -223,13 +222,37 @@ def _loop(config, workdir, model, steps, state, mesh, lpips_params):
 
 
 def _eval_and_log(config, workdir, evaluate, state, heldout, writer, step, start):
-    results, recon = evaluate_heldout(config, evaluate, state, heldout)
+    variables = {"params": state.params, **state.vq}
+    results, recon = evaluate_heldout(config, evaluate, variables, heldout)
     results["wall_s"] = time.time() - start
     writer.write(step, results)
     print(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()),
           file=sys.stderr, flush=True)
     write_grid(os.path.join(workdir, f"recon_{step}.png"), heldout[0], recon)
     return results
+
+# ============================================================================ loading
+
+
+def load_frozen(workdir: str, step: int | None = None):
+    """(config, {"params", "vq"?} variables, latent stats or None) of a trained autoencoder, for
+    running it frozen (Transfusion trainer, precompute); placed on the first local device."""
+    config = checkpoint.read_config(workdir)
+    parts = build(config)
+    manager = checkpoint.make_manager(workdir, every=1, keep=2)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
+    boxed = jax.eval_shape(lambda: _create(config, *parts, jax.random.key(0)))
+    shardings = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            nn.unbox(boxed), shardings)
+    state, _ = checkpoint.restore(manager, step, abstract)
+    manager.close()
+    stats_path = os.path.join(workdir, "latent_stats.json")
+    stats = json.load(open(stats_path)) if os.path.exists(stats_path) else None
+    return config, {"params": state.params, **state.vq}, stats
 
 # ============================================================================ CLI
 
