@@ -1,17 +1,18 @@
 """Transfusion pretraining (paper section 4.1).
 
-    --config experiments/transfusion.py:SIZE[,patch=linear|unet][,patch_size=K]
+    --config experiments/transfusion.py:SIZE[,patch=linear|unet][,patch_size=K][,mesh=M]
 
 SIZE is tiny (tests), demo (`make demo`: the shapes world on a CPU) or one of Table 2:
 0.16b, 0.37b, 0.76b, 1.4b, 7b. patch_size 0 means the size's default: 2 (the paper's) for
 Table 2 sizes, 4 for tiny and 8 for demo, which see pixels through the identity autoencoder.
+mesh is a preset of transfusion_jax.sharding.MESH_PRESETS: dp (default), fsdp, fsdp_tensor.
 """
 import ml_collections
 
 from transfusion_jax.config import parse_arg
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.model.unet import UNET_PRESETS
-from transfusion_jax.sharding import DEFAULT_RULES
+from transfusion_jax.sharding import DEFAULT_RULES, MESH_PRESETS
 
 # Table 2: (layers, embedding dim, attention heads).
 SIZES = {
@@ -68,7 +69,9 @@ def data_config(size: str) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="tiny", patch="linear", patch_size=0)
+    arg = parse_arg(arg, size="tiny", patch="linear", patch_size=0, mesh="dp")
+    if arg.mesh not in MESH_PRESETS:
+        raise ValueError(f"config arg mesh={arg.mesh!r}; expected one of {list(MESH_PRESETS)}")
     small = arg.size in PIXEL_SIZES
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -86,7 +89,7 @@ def get_config(arg=None):
     config.stop_at_step = 0  # >0: checkpoint and stop after this step, as on preemption
     config.grad_accum = 1  # microbatches per step
     config.ema_decay = 0.0  # 0: no EMA of params
-    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    config.mesh = dict(MESH_PRESETS[arg.mesh])
     config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
     config.log_every = 10 if small else 100
     config.checkpoint_every = 500 if small else 2000

@@ -16,6 +16,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# config.mesh presets; -1 takes the remaining devices. Override sizes with --config.mesh.tensor=8.
+MESH_PRESETS = {
+    "dp": {"data": -1, "fsdp": 1, "tensor": 1},           # replicated params, split batch
+    "fsdp": {"data": 1, "fsdp": -1, "tensor": 1},         # params and optimizer state split too
+    "fsdp_tensor": {"data": 1, "fsdp": -1, "tensor": 2},  # plus Megatron-style model parallel
+}
+
 # (logical name, mesh axis or axes or None), tried in order.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
