@@ -109,14 +109,13 @@ def main():
     seconds = statistics.median(times)
     length = a.text + a.patches
     analytic = flops.flops_per_step(config.model, a.batch, length)
-    xla = (compiled.cost_analysis() or {}).get("flops")
     peak = flops.measure_matmul_peak(jax.devices()[0], jnp.dtype(a.dtype))
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     print(json.dumps(dict(
         device=jax.devices()[0].device_kind, dtype=a.dtype, params=params,
         dim=a.dim, depth=a.depth, heads=a.heads, batch=a.batch, length=length,
         patch=a.patch, attention=a.attention,
-        analytic_flops_per_step=analytic, xla_flops_per_step=xla,
+        analytic_flops_per_step=analytic,
         seconds_per_step=seconds, compile_s=round(compile_s, 2),
         elements_per_s=a.batch * length / seconds,
         matmul_peak_flops_per_s=peak, mfu=analytic / seconds / peak,

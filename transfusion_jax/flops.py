@@ -3,8 +3,9 @@
 Model FLOPs (what MFU divides) count the transformer's matmuls (Q, K, V, O, SwiGLU, LM head)
 at 6 FLOPs per parameter per element (forward 2, backward 4) and the attention score and value
 products over the full L x L (12 * L^2 * D per row per layer, as PaLM's appendix B). Patch
-layers are left out: they are under 0.5% of the parameters with `linear` and are convolutions
-with `unet` (use XLA's cost analysis for those; the benchmark reports both).
+layers are left out: they are under 0.5% of the parameters with `linear`; the `unet` convolutions
+are not counted, so MFU understates a U-Net model's work. (XLA's cost analysis is no substitute:
+it counts the body of the scanned layer loop once.)
 """
 import time
 
