@@ -44,7 +44,7 @@ def full_sequence_eps(model, params, prompt: gen.Prompt):
 def make_runs(model, params, prompt, uncond, tables, guidance):
     cfg = model.cfg
     b = prompt.lengths.shape[0]
-    both = gen._concat_prompts(prompt, uncond) if guidance else prompt
+    both = gen.concat_prompts(prompt, uncond) if guidance else prompt
     rows = both.lengths.shape[0]
     capacity = both.chunk["tokens"].shape[1] + patches_per_image(cfg) + 1
 

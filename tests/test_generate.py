@@ -59,7 +59,7 @@ def test_cached_text_decoding_equals_full_recompute(attention):
     p = patches_per_image(cfg)
     batch, images, info = full_row(cfg, [[3, "image", 4], [6, "image", 1]], 1, 2 * p + 16)
     t0 = jnp.zeros(images.shape[:2], jnp.int32)
-    reference = np.asarray(model.apply(params, batch, images, t0)["logits"])
+    reference = np.asarray(jax.jit(model.apply)(params, batch, images, t0)["logits"])
     starts = [2, 5]  # prefill lengths; both rows then decode text up to their BOI
     apply = jax.jit(lambda f, *a: f(model, params, *a), static_argnums=0)
     cache = init_cache(cfg, 2, 2 * p + 16)
@@ -163,7 +163,7 @@ def test_cached_text_to_image_equals_full_recompute_with_guidance(sampler, steps
     schedule = diffusion.cosine_schedule(1000)
     tables = diffusion.sampler_tables(schedule, sampler, steps)
     prompt, uncond = text_prompts(cfg, [7, 3]), gen.build_prompt([[[BOI]], [[BOI]]], cfg)
-    both = gen._concat_prompts(prompt, uncond)
+    both = gen.concat_prompts(prompt, uncond)
     p = patches_per_image(cfg)
     cache = init_cache(cfg, 4, both.chunk["tokens"].shape[1] + p + 1)
     key = jax.random.key(5)

@@ -285,7 +285,7 @@ class Generator:
                          uncond.chunk["tokens"].shape[1] if use_cfg else 0)
         cache = init_cache(cfg, b * (2 if use_cfg else 1),
                            prompt_len + max_new + max_images * p)
-        both = _concat_prompts(prompt, uncond) if use_cfg else prompt
+        both = concat_prompts(prompt, uncond) if use_cfg else prompt
         cache, logits = prefill(model, params, cache, both)
         last = jnp.take_along_axis(prompt.chunk["tokens"], (prompt.lengths - 1)[:, None], 1)[:, 0]
         shape = (cfg.latent_size, cfg.latent_size, cfg.latent_channels)
@@ -338,7 +338,7 @@ class Generator:
         return state.out
 
 
-def _concat_prompts(a: Prompt, b: Prompt) -> Prompt:
+def concat_prompts(a: Prompt, b: Prompt) -> Prompt:
     """The rows of a then of b, padded to one length and one number of image slots."""
     length = max(a.chunk["tokens"].shape[1], b.chunk["tokens"].shape[1])
     slots = max(x.chunk["patch_positions"].shape[1] for x in (a, b))
