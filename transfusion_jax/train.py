@@ -8,6 +8,11 @@ loss -> AdamW), then the loop (mesh, data, state or resume, compile once, steps,
 late, checkpoints, preemption). Batch t is a function of (seed, t): the data order comes from the
 pipeline's seeded, checkpointed iterator and the step's noise from fold_in(seed key, t), so a
 resumed run continues bit for bit.
+
+Multi-host: the same command runs as one process per host (transfusion_jax/distributed.py,
+launch/). Every process runs this program on the global mesh and feeds its rows of each batch
+(host_data.py); process 0 alone writes the config, logs and metrics; all save and restore the
+checkpoints together.
 """
 import os
 import signal
@@ -20,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from transfusion_jax import checkpoint, diffusion, flops, losses, optim, sharding, train_state
+from transfusion_jax import (checkpoint, diffusion, distributed, flops, losses, optim, sharding,
+                             train_state)
 from transfusion_jax.data.config import check_fits
-from transfusion_jax.data.pipeline import make_pipeline
 from transfusion_jax.data.tokenizer import get_tokenizer
+from transfusion_jax.host_data import HostData, process_rows
 from transfusion_jax.metrics import MetricsWriter
 from transfusion_jax.model import patches_per_image
 
@@ -140,12 +147,18 @@ def make_train_step(config, model, tx):
 
 
 class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints after the current step and exits."""
+    """SIGTERM/SIGINT set a flag; the loop checkpoints after the current step and exits.
+
+    With several processes, all must stop after the same step, so no local handler: JAX's
+    preemption service (on with jax.distributed) catches SIGTERM on any host and agrees on a
+    step with the others, which `reached(step)` then reports on every host."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._multi = jax.process_count() > 1
+        if not self._multi:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         del frame
@@ -153,9 +166,23 @@ class Preemption:
               file=sys.stderr, flush=True)
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        if self._multi and not self.requested:
+            try:
+                self.requested = multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError as e:  # no preemption service (jax.distributed not started)
+                distributed.log(f"preemption notices are off: {e}")
+                self._multi = False
+            if self.requested:
+                distributed.log(f"preemption notice: all processes checkpoint after step {step}")
+        return self.requested
 
-def train(config, workdir: str) -> dict:
-    """Runs (or resumes) training in `workdir`; returns the last step's metrics."""
+
+def train(config, workdir: str, data_streams: int | None = None) -> dict:
+    """Runs (or resumes) training in `workdir`; returns the last step's metrics.
+
+    `data_streams`: how many data streams make a batch (host_data.py); default: the process
+    count of the run's first start. A resumed run reads it from the checkpoint."""
     os.makedirs(workdir, exist_ok=True)
     check_config(config, jax.device_count())
     checkpoint.write_config(workdir, config)
@@ -165,24 +192,27 @@ def train(config, workdir: str) -> dict:
     rules = sharding.rules_from_config(config.sharding_rules)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    # --- data
-    tokenizer = get_tokenizer(config.data, workdir)
+    # --- data: process 0 trains the tokenizer into the workdir, the others then load it
+    tokenizer = distributed.first_then_others("tokenizer",
+                                              lambda: get_tokenizer(config.data, workdir))
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                          f"tokenizer's {tokenizer.vocab_size}")
-    pipeline = make_pipeline(config.data, patches_per_image=patches_per_image(config.model),
-                             tokenizer=tokenizer)
+    manager = checkpoint.make_manager(workdir, every=1, keep=config.keep_checkpoints)
+    start = manager.latest_step() or 0
+    streams = _data_streams(manager, start, data_streams)
+    pipeline = HostData(config.data, patches_per_image=patches_per_image(config.model),
+                        tokenizer=tokenizer, num_streams=streams,
+                        rows=process_rows(batch_sharding, config.data.batch_size))
 
     # --- model and state (restored when the workdir has a checkpoint)
     model, tx = train_state.model_and_optimizer(config)
     inputs = train_state.example_inputs(config.model, config.data.seq_len, pipeline.max_images)
-    manager = checkpoint.make_manager(workdir, every=1, keep=config.keep_checkpoints)
-    start = manager.latest_step() or 0
     if start:
         abstract = train_state.abstract_state(config, model, tx, inputs, mesh)
-        state, data_state = checkpoint.restore(manager, start, abstract)
-        pipeline.set_state(data_state)
-        print(f"resumed from {workdir}/checkpoints/{start}", file=sys.stderr)
+        state, data_states = checkpoint.restore(manager, start, abstract, pipeline.streams)
+        pipeline.set_state(data_states)
+        distributed.log(f"resumed from {workdir}/checkpoints/{start}")
     else:
         state = train_state.init_state(config, model, tx, inputs, mesh, config.seed)
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -224,6 +254,10 @@ def train(config, workdir: str) -> dict:
                 f"{manager.latest_step()} in {workdir}/checkpoints")
         return m
 
+    def save(step, state):  # every process, with the data streams it owns
+        checkpoint.save(manager, step, state, pipeline.get_state(), force=True,
+                        num_streams=streams)
+
     pending, last, step = None, {}, start
     t_prev = time.perf_counter()
     try:
@@ -231,29 +265,48 @@ def train(config, workdir: str) -> dict:
             for step in range(start + 1, min(stop_at, config.total_steps) + 1):
                 state, metrics = compiled(state, batch)
                 data_metrics = pipeline.metrics()  # counters after this step's batch
-                if step % config.checkpoint_every == 0 or preemption.requested:
-                    checkpoint.save(manager, step, state, pipeline.get_state(), force=True)
+                preempted = preemption.reached(step)
+                if step % config.checkpoint_every == 0 or preempted:
+                    save(step, state)
                 if pending is not None:  # the previous step's metrics: logging never blocks
                     last = report(*pending)
                 now = time.perf_counter()
                 pending, t_prev = (step, metrics, data_metrics, now - t_prev), now
-                if preemption.requested:
+                if preempted:
                     break
                 if step < config.total_steps:
                     batch = next_batch()
             if pending is not None:
                 last = report(*pending)
         if manager.latest_step() != step:
-            checkpoint.save(manager, step, state, pipeline.get_state(), force=True)
+            save(step, state)
     finally:
         manager.wait_until_finished()
         manager.close()
         writer.close()
         pipeline.close()
-    print(f"stopped at step {step}. checkpoints: {workdir}/checkpoints  metrics: "
-          f"{workdir}/metrics.jsonl  tensorboard: {workdir}/tensorboard  (peak: {peak_source})",
-          file=sys.stderr)
+    distributed.log(f"stopped at step {step}. checkpoints: {workdir}/checkpoints  metrics: "
+                    f"{workdir}/metrics.jsonl  tensorboard: {workdir}/tensorboard  "
+                    f"(peak: {peak_source})")
     return last
+
+
+def _data_streams(manager, start: int, requested: int | None) -> int:
+    """The run's number of data streams: the checkpoint's when resuming, else `requested` or
+    the process count."""
+    if not start:
+        if requested is not None and requested < 1:
+            raise ValueError(f"--data_streams={requested}: expected an integer >= 1")
+        return requested or jax.process_count()
+    saved = checkpoint.data_streams(manager, start)
+    if requested is not None and requested != saved:
+        raise ValueError(f"--data_streams={requested}, but the checkpoint at step {start} was "
+                         f"written with {saved} data streams: a run keeps its streams (drop "
+                         "the flag to continue with them)")
+    if saved != jax.process_count():
+        distributed.log(f"{saved} data streams over {jax.process_count()} processes: each "
+                        "process reads the streams of its rows (host_data.py)")
+    return saved
 
 
 def _log_compile(compiled, seconds: float):
@@ -264,7 +317,7 @@ def _log_compile(compiled, seconds: float):
         parts.append(f"per-device memory: arguments {gib(mem.argument_size_in_bytes)}, "
                      f"temporaries {gib(mem.temp_size_in_bytes)}, "
                      f"outputs {gib(mem.output_size_in_bytes)}")
-    print("; ".join(parts), file=sys.stderr, flush=True)
+    distributed.log("; ".join(parts))
 
 
 # ============================================================================ CLI
@@ -272,6 +325,17 @@ def _log_compile(compiled, seconds: float):
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/X.py[:arg]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go")
+# Multi-host (transfusion_jax/distributed.py). Unset: auto-detected under a cluster (Cloud TPU,
+# SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); nothing on a plain machine.
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                                 "start jax.distributed: auto (flags or a cluster), on, off")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (explicit multi-host)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1")
+_DATA_STREAMS = flags.DEFINE_integer(
+    "data_streams", None, "data streams per batch (default: the first run's process count; "
+    "kept by the checkpoint)")
 
 
 def _parse_flags(argv):
@@ -287,7 +351,11 @@ def _main(argv):
     if _CONFIG.value is None or not _WORKDIR.value:
         sys.exit("error: --config and --workdir are required")
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        started = distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                               _PROCESS_ID.value, _DISTRIBUTED.value)
+        if started:
+            distributed.log(f"jax.distributed ({started}): {distributed.describe()}")
+        train(_CONFIG.value, _WORKDIR.value, data_streams=_DATA_STREAMS.value)
     except (ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
