@@ -1,8 +1,5 @@
 """The generate CLI's tasks on a tiny random model (the checkpoint loading is the trainer's)."""
-import json
-import os
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image

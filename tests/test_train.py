@@ -8,7 +8,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -174,3 +173,10 @@ def test_bad_overrides_fail_at_start_naming_the_key(tmp_path, args, message):
     assert out.returncode != 0
     assert message in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_every_cli_module_imports_into_one_process():
+    """Flags are defined when a program starts, not on import (absl rejects duplicates)."""
+    import importlib
+    for name in ("train", "train_autoencoder", "generate_cli", "demo_report"):
+        importlib.import_module(f"transfusion_jax.{name}")

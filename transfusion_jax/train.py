@@ -19,16 +19,14 @@ import signal
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
-from transfusion_jax import (checkpoint, diffusion, distributed, flops, losses, optim, sharding,
+from transfusion_jax import (checkpoint, cli, diffusion, distributed, flops, losses, optim, sharding,
                              train_state)
 from transfusion_jax.data.config import check_fits
 from transfusion_jax.data.tokenizer import get_tokenizer
@@ -322,46 +320,32 @@ def _log_compile(compiled, seconds: float):
 
 # ============================================================================ CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/X.py[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go")
-# Multi-host (transfusion_jax/distributed.py). Unset: auto-detected under a cluster (Cloud TPU,
-# SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); nothing on a plain machine.
-_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", distributed.MODES,
-                                 "start jax.distributed: auto (flags or a cluster), on, off")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0's coordinator (explicit multi-host)")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1")
-_DATA_STREAMS = flags.DEFINE_integer(
-    "data_streams", None, "data streams per batch (default: the first run's process count; "
-    "kept by the checkpoint)")
+
+def _distributed_flags() -> dict:
+    """Multi-host (distributed.py). Unset: auto-detected under a cluster (Cloud TPU, SLURM,
+    Open MPI, JAX_COORDINATOR_ADDRESS); nothing on a plain machine."""
+    return dict(
+        mode=flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                               "start jax.distributed: auto (flags or a cluster), on, off"),
+        coordinator=flags.DEFINE_string("coordinator_address", None,
+                                        "host:port of process 0's coordinator (explicit multi-host)"),
+        num_processes=flags.DEFINE_integer("num_processes", None, "processes in the job"),
+        process_id=flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1"),
+        data_streams=flags.DEFINE_integer(
+            "data_streams", None, "data streams per batch (default: the first run's process "
+            "count; kept by the checkpoint)"))
 
 
-def _parse_flags(argv):
-    try:
-        return flags.FLAGS(argv)
-    except (KeyError, AttributeError) as e:  # ml_collections: unknown key in an override
-        message = str(e.args[0]).strip("'").replace("\\n", " ").replace("\\'", "'")
-        sys.exit(f"error: bad --config override: unknown key {message}")
-
-
-def _main(argv):
-    del argv
-    if _CONFIG.value is None or not _WORKDIR.value:
-        sys.exit("error: --config and --workdir are required")
-    try:
-        started = distributed.maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                               _PROCESS_ID.value, _DISTRIBUTED.value)
-        if started:
-            distributed.log(f"jax.distributed ({started}): {distributed.describe()}")
-        train(_CONFIG.value, _WORKDIR.value, data_streams=_DATA_STREAMS.value)
-    except (ValueError, FloatingPointError) as e:
-        sys.exit(f"error: {e}")
+def _main(config, workdir, f):
+    started = distributed.maybe_initialize(f["coordinator"], f["num_processes"],
+                                           f["process_id"], f["mode"])
+    if started:
+        distributed.log(f"jax.distributed ({started}): {distributed.describe()}")
+    train(config, workdir, data_streams=f["data_streams"])
 
 
 def main():
-    app.run(_main, flags_parser=_parse_flags)
+    cli.run(_main, "experiments/transfusion.py[:arg]", _distributed_flags)
 
 
 if __name__ == "__main__":

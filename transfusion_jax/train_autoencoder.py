@@ -16,18 +16,16 @@ import os
 import sys
 import time
 
-from absl import app, flags
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from ml_collections import config_flags
 from PIL import Image
 
 from transfusion_jax import autoencoder_losses as L
-from transfusion_jax import checkpoint, lpips, optim, sharding
+from transfusion_jax import checkpoint, cli, lpips, optim, sharding
 from transfusion_jax.data import shapes
 from transfusion_jax.metrics import MetricsWriter
 from transfusion_jax.model.autoencoder import Autoencoder, check_config
@@ -257,23 +255,8 @@ def load_frozen(workdir: str, step: int | None = None):
 # ============================================================================ CLI
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiments/autoencoder.py[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and grids go")
-
-
-def _main(argv):
-    del argv
-    if _CONFIG.value is None or not _WORKDIR.value:
-        sys.exit("error: --config and --workdir are required")
-    try:
-        train(_CONFIG.value, _WORKDIR.value)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-
-
 def main():
-    app.run(_main)
+    cli.run(lambda config, workdir, _: train(config, workdir), "experiments/autoencoder.py[:arg]")
 
 
 if __name__ == "__main__":
