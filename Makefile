@@ -16,11 +16,13 @@ install: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q tests
 
-# The tiny Transfusion model on the shapes world, on CPU. Re-running resumes (or ends at once).
+# The demo model on the shapes world, on CPU: train (re-running resumes, or ends at once), then
+# generate for held-out scenes and score it (DEMO_DIR/report/report.md).
 DEMO_DIR ?= workdir/demo
 demo: $(BIN)/.installed
 	JAX_PLATFORMS=cpu $(BIN)/transfusion-train --config experiments/transfusion.py:demo \
 		--workdir $(DEMO_DIR)
+	JAX_PLATFORMS=cpu $(BIN)/python -m transfusion_jax.demo_report --workdir $(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -121,8 +121,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_for_inference(workdir: str, step: int | None = None):
-    """(config, params) of the latest (or given) checkpoint, EMA params when the run kept them,
-    replicated on the local devices."""
+    """(config, variables) of the latest (or given) checkpoint: {"params": ...} for
+    `model.apply`, the EMA params when the run kept them, on one local device."""
     config = read_config(workdir)
     manager = make_manager(workdir, every=1, keep=1)
     step = manager.latest_step() if step is None else step
@@ -133,4 +133,4 @@ def load_for_inference(workdir: str, step: int | None = None):
     inputs = train_state.example_inputs(config.model, config.data.seq_len, 1)
     state, _ = restore(manager, step, train_state.abstract_state(config, model, tx, inputs, mesh))
     manager.close()
-    return config, state.ema_params if state.ema_params is not None else state.params
+    return config, {"params": state.ema_params if state.ema_params is not None else state.params}

@@ -20,6 +20,7 @@ from PIL import Image
 
 from transfusion_jax import diffusion
 from transfusion_jax import generate as gen
+from transfusion_jax.checkpoint import load_for_inference
 from transfusion_jax.data.documents import load_image
 
 
@@ -85,7 +86,8 @@ def make_generator(config, specials, args, text_sampling=None):
 
 
 def run_tasks(config, params, tok, args):
-    """-> list of records {task, input, sample, text, images}; writes grids into args.out."""
+    """-> list of records {task, input, sample, text, images, pixels}; writes grids into
+    args.out. `pixels` holds the generated images (uint8 [H, W, 3]) for scoring."""
     specials = gen.Specials.from_tokenizer(tok)
     encode, decode = image_codec(config)
     g = make_generator(config, specials, args)
@@ -104,7 +106,7 @@ def run_tasks(config, params, tok, args):
                 m, k = int(out.num_images[r]), int(out.num_tokens[r])
                 pics = [to_uint8(decode(np.asarray(out.images[r, j]))) for j in range(m)]
                 grid[-1] += pics
-                records.append(dict(task=task, input=name, sample=s, images=m,
+                records.append(dict(task=task, input=name, sample=s, images=m, pixels=pics,
                                     text=tok.decode(np.asarray(out.tokens[r, :k]))))
         if any(grid):
             save_grid(os.path.join(args.out, f"{task}.png"), [row for row in grid if row])
@@ -128,7 +130,6 @@ def run_tasks(config, params, tok, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    from transfusion_jax.checkpoint import load_for_inference  # the trainer's (issue 4)
     from transfusion_jax.data.tokenizer import get_tokenizer
     config, params = load_for_inference(args.workdir, args.step)
     tok = get_tokenizer(config.data, args.workdir)
@@ -137,7 +138,7 @@ def main(argv=None):
     records = run_tasks(config, params, tok, args)
     with open(os.path.join(args.out, "generations.jsonl"), "w") as f:
         for rec in records:
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps({k: v for k, v in rec.items() if k != "pixels"}) + "\n")
             print(f"[{rec['task']}] {rec['input']!r} #{rec['sample']}: {rec['text']!r}"
                   f"{'  (+%d image)' % rec['images'] if rec['images'] else ''}")
     print(f"wrote {args.out}")
