@@ -94,4 +94,8 @@ def get_config(arg=None):
     config.log_every = 10 if small else 100
     config.checkpoint_every = 500 if small else 2000
     config.keep_checkpoints = 3
+    # Sample grids for fixed prompts every N steps (0: off) into workdir/samples/<step>/;
+    # no prompts given: the first held-out shapes captions when training on the shapes world.
+    config.sample_every = 500 if arg.size == "demo" else 0
+    config.sample_prompts = []
     return config

@@ -123,8 +123,10 @@ def metrics_lines(workdir):
 def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
     """100 steps straight; then 50 + stop + resume 50: same metrics lines, bit-equal params."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = cli(straight)
+    out = cli(straight, "--config.sample_every=50")
     assert out.returncode == 0, out.stderr[-3000:]
+    for step in (50, 100):  # sample grids for the held-out captions
+        assert (straight / "samples" / str(step) / "text_to_image.png").exists()
     assert "checkpoints:" in out.stderr and "tensorboard" in out.stderr
     lines = metrics_lines(straight)
     assert [m["step"] for m in lines] == list(range(1, 101))

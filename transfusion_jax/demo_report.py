@@ -50,11 +50,8 @@ def main(argv=None):
     for i, im in enumerate(images):
         paths.append(os.path.join(out, f"heldout_{i}.png"))
         Image.fromarray(im).save(paths[-1])
-    args = generate_cli.parse_args(
-        ["--workdir", a.workdir, "--out", out, "--num-samples", "1", "--sampler", a.sampler,
-         "--steps", str(a.steps), "--guidance", str(a.guidance), "--max-new-tokens", "48"]
-        + [x for c in captions for x in ("--prompt", c)] + [x for p in paths for x in ("--image", p)])
-    records = generate_cli.run_tasks(config, params, tok, args)
+    records = generate_cli.text_to_image_samples(config, params, tok, captions, out, a.sampler,
+                                                 a.steps, a.guidance, images=paths)
     made = [r for r in records if r["task"] == "text_to_image"]
     blank = np.zeros_like(images[0])
     gen_images = [r["pixels"][0] if r["pixels"] else blank for r in made]

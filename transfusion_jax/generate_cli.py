@@ -128,6 +128,18 @@ def run_tasks(config, params, tok, args):
     return records
 
 
+def text_to_image_samples(config, variables, tok, prompts, out, sampler="dpm++2m", steps=20,
+                          guidance=3.0, images=(), max_new_tokens=48):
+    """Images for `prompts` (and captions for `images`, PNG paths) with one sample each, as the
+    CLI would make them; grids land in `out`. -> run_tasks' records."""
+    argv = ["--workdir", "", "--out", out, "--num-samples", "1", "--sampler", sampler,
+            "--steps", str(steps), "--guidance", str(guidance),
+            "--max-new-tokens", str(max_new_tokens)]
+    argv += [x for p in prompts for x in ("--prompt", p)] + [x for i in images for x in ("--image", i)]
+    os.makedirs(out, exist_ok=True)
+    return run_tasks(config, variables, tok, parse_args(argv))
+
+
 def main(argv=None):
     args = parse_args(argv)
     from transfusion_jax.data.tokenizer import get_tokenizer

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import multihost_utils
 
-from transfusion_jax import (checkpoint, cli, diffusion, distributed, flops, losses, optim, sharding,
-                             train_state)
+from transfusion_jax import (checkpoint, cli, demo_report, diffusion, distributed, flops,
+                             generate_cli, losses, optim, sharding, train_state)
 from transfusion_jax.data.config import check_fits
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.host_data import HostData, process_rows
@@ -252,6 +252,20 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
                 f"{manager.latest_step()} in {workdir}/checkpoints")
         return m
 
+    def samples(step, state):
+        """Images for fixed prompts into workdir/samples/<step>/ (single-process runs)."""
+        variables = {"params": state.ema_params if state.ema_params is not None else state.params}
+        out = os.path.join(workdir, "samples", str(step))
+        generate_cli.text_to_image_samples(config, variables, tokenizer, sample_prompts, out)
+        distributed.log(f"step {step}: samples in {out}")
+
+    sample_prompts = list(config.sample_prompts) or (
+        demo_report.heldout_scenes(config, 4)[0] if config.data.image_source == "shapes" else [])
+    sample_every = config.sample_every if sample_prompts else 0
+    if sample_every and jax.process_count() > 1:
+        distributed.log("sample_every: sample grids are written by single-process runs only")
+        sample_every = 0
+
     def save(step, state):  # every process, with the data streams it owns
         checkpoint.save(manager, step, state, pipeline.get_state(), force=True,
                         num_streams=streams)
@@ -270,6 +284,9 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
                     last = report(*pending)
                 now = time.perf_counter()
                 pending, t_prev = (step, metrics, data_metrics, now - t_prev), now
+                if sample_every and step % sample_every == 0:
+                    samples(step, state)
+                    t_prev = time.perf_counter()  # sampling is not the next step's time
                 if preempted:
                     break
                 if step < config.total_steps:
