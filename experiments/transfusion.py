@@ -4,7 +4,7 @@
 
 SIZE is tiny (tests), demo (`make demo`: the shapes world on a CPU) or one of Table 2:
 0.16b, 0.37b, 0.76b, 1.4b, 7b. patch_size 0 means the size's default: 2 (the paper's) for
-Table 2 sizes, 4 for tiny and 8 for demo, which see pixels through the identity autoencoder.
+Table 2 sizes, 4 for tiny and demo, which see pixels through the identity autoencoder.
 mesh is a preset of transfusion_jax.sharding.MESH_PRESETS: dp (default), fsdp, fsdp_tensor.
 """
 import ml_collections
@@ -33,7 +33,8 @@ def llama_mlp_dim(dim: int, multiple_of: int = 256) -> int:
 
 
 # Small sizes train on pixels of the shapes world: (image size, default patch size).
-PIXEL_SIZES = {"tiny": (16, 4), "demo": (64, 8)}
+# Patches must stay narrower than the model (linear: k*k*C <= dim), so demo uses 32x32 and k=4.
+PIXEL_SIZES = {"tiny": (16, 4), "demo": (32, 4)}
 
 
 def model_config(size: str, patch: str, patch_size: int) -> ml_collections.ConfigDict:
@@ -62,7 +63,7 @@ def data_config(size: str) -> ml_collections.ConfigDict:
                                tokenizer_vocab_size=512, tokenizer_train_documents=2000,
                                shapes_num_documents=2000)
     if size == "demo":
-        return get_data_config(seq_len=256, batch_size=8, image_size=64, max_images=3,
+        return get_data_config(seq_len=256, batch_size=8, image_size=32, max_images=3,
                                tokenizer_vocab_size=512)
     # Paper: rows of 4096, 2M elements per batch; the Llama 2 tokenizer (set tokenizer_model).
     return get_data_config(seq_len=4096, batch_size=512, image_size=256)

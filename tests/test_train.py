@@ -90,6 +90,7 @@ def test_gradient_accumulation_equals_whole_batch(single_device_run):
     (dict(data={"image_size": 32}), "data.image_size=32 must equal model.latent_size=16"),
     (dict(autoencoder={"kind": "vq"}), "autoencoder.kind='vq'"),
     (dict(optimizer={"warmup_steps": 500}), "optimizer.warmup_steps=500"),
+    (dict(model={"patch_size": 8}), "192-dim patches, wider than model.dim=64"),
 ])
 def test_impossible_configs_name_the_fields(override, message):
     cfg = load_config(TINY)

@@ -50,6 +50,13 @@ def check_config(config, num_devices: int):
         if m[field] % mesh["tensor"]:
             raise ValueError(f"model.{field}={m[field]} must be divisible by mesh.tensor="
                              f"{mesh['tensor']}")
+    patch_dim = m.patch_size ** 2 * m.latent_channels
+    if m.patch == "linear" and patch_dim > m.dim:
+        raise ValueError(
+            f"model.patch_size={m.patch_size} with model.latent_channels={m.latent_channels} "
+            f"makes {patch_dim}-dim patches, wider than model.dim={m.dim}: a linear patch layer "
+            f"cannot carry them (the noise prediction error cannot fall below about "
+            f"{1 - m.dim / patch_dim:.2f}); use a smaller patch_size, a larger dim or patch=unet")
     if m.dim % m.heads:
         raise ValueError(f"model.dim={m.dim} must be divisible by model.heads={m.heads}")
     check_fits(d, patches_per_image(m))  # an image plus BOI and EOI must fit in a row
