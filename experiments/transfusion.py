@@ -81,7 +81,10 @@ def get_config(arg=None):
     # The frozen autoencoder between pixels and latents; identity until one is trained.
     config.autoencoder = dict(kind="identity" if small else "vae", downsample=1 if small else 8,
                               checkpoint="")
-    config.diffusion = dict(schedule="cosine", timesteps=1000, ddpm_weight=5.0)
+    # clip_x0: samplers clip predicted x0 to [-1, 1] for pixel models (bounded data); off for
+    # latents, whose range the autoencoder sets.
+    config.diffusion = dict(schedule="cosine", timesteps=1000, ddpm_weight=5.0,
+                            clip_x0=1.0 if small else 0.0)
     config.optimizer = dict(lr=1e-3 if small else 3e-4,
                             warmup_steps={"tiny": 10, "demo": 100}.get(arg.size, 4000),
                             final_lr=1e-4 if small else 1.5e-5, b1=0.9, b2=0.95, eps=1e-8,

@@ -96,3 +96,21 @@ def test_bad_arguments_name_the_field():
         diffusion.sampler_tables(schedule, "ddim", 0)
     with pytest.raises(ValueError, match="eta=2"):
         diffusion.sampler_tables(schedule, "ddim", 10, eta=2.0)
+
+
+@pytest.mark.parametrize("name,steps", [("ddim", 50), ("dpm++2m", 20), ("ddpm", 50)])
+def test_clip_x0_keeps_bounded_data_bounded_when_eps_is_wrong(name, steps):
+    """An eps that is 10% off divides into a huge x0 at t = 999 (sqrt(abar) ~ 5e-5); clipping
+    x0 to the data range keeps the sample in it, while unclipped samplers leave it."""
+    from transfusion_jax import diffusion
+    schedule = diffusion.cosine_schedule(1000)
+    eps_fn = lambda x, t: 0.9 * x  # noqa: E731
+    x_T = jax.random.normal(jax.random.key(0), (256, 4))
+    off = diffusion.sample(eps_fn, x_T, jax.random.key(1),
+                           diffusion.sampler_tables(schedule, name, steps))
+    on = diffusion.sample(eps_fn, x_T, jax.random.key(1),
+                          diffusion.sampler_tables(schedule, name, steps, clip_x0=1.0))
+    assert float(jnp.abs(off).max()) > 2
+    assert float(jnp.abs(on).max()) <= 1.0 + 1e-5
+    with pytest.raises(ValueError, match="clip_x0=-1"):
+        diffusion.sampler_tables(schedule, name, steps, clip_x0=-1.0)

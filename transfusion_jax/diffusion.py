@@ -92,6 +92,7 @@ class SamplerTables(NamedTuple):
     alpha: np.ndarray      # float32 [K], sqrt(abar_t): x0 = (x_t - sigma eps) / alpha
     sigma: np.ndarray      # float32 [K], sqrt(1 - abar_t)
     coefs: dict            # sampler-specific float32 [K] arrays, see `_COEFS`
+    clip_x0: float = 0.0   # > 0: clip the predicted x0 to [-clip_x0, clip_x0] (bounded data)
 
     @property
     def num_steps(self) -> int:
@@ -131,9 +132,16 @@ _COEFS = {"ddpm": _ddpm_coefs, "ddim": _ddim_coefs, "dpm++2m": _dpm_coefs}
 
 
 def sampler_tables(schedule: Schedule, name: str, num_steps: int, eta: float = 0.0,
-                   spacing: str | None = None) -> SamplerTables:
+                   spacing: str | None = None, clip_x0: float = 0.0) -> SamplerTables:
     """Coefficients of sampler `name` ("ddpm", "ddim" with `eta`, "dpm++2m") in `num_steps`
-    steps, spaced by `spacing` (None: DEFAULT_SPACING of the sampler)."""
+    steps, spaced by `spacing` (None: DEFAULT_SPACING of the sampler).
+
+    `clip_x0` > 0 clips each predicted x0 to that range (improved-diffusion's clip_denoised),
+    for data known to be bounded, such as pixels in [-1, 1]. Without it, the first step's
+    x0 = (x_T - sigma eps) / alpha divides the model's eps error by sqrt(abar_999) ~ 5e-5 with
+    the cosine schedule, and a deterministic sampler never recovers from that x0."""
+    if clip_x0 < 0:
+        raise ValueError(f"clip_x0={clip_x0}; expected 0 (off) or a positive bound")
     if name not in SAMPLERS:
         raise ValueError(f"sampler={name!r}; expected one of {SAMPLERS}")
     if not 0.0 <= eta <= 1.0:
@@ -144,7 +152,7 @@ def sampler_tables(schedule: Schedule, name: str, num_steps: int, eta: float = 0
     abar_next = np.append(abar[1:], 1.0)
     coefs = {k: np.asarray(v, np.float32) for k, v in _COEFS[name](abar, abar_next, eta).items()}
     return SamplerTables(name, kept.astype(np.int32), np.sqrt(abar).astype(np.float32),
-                         np.sqrt(1 - abar).astype(np.float32), coefs)
+                         np.sqrt(1 - abar).astype(np.float32), coefs, float(clip_x0))
 
 
 def _update(name, c, x, eps, x0, x0_prev, z):
@@ -171,6 +179,9 @@ def sample(eps_fn, x_T, key, tables: SamplerTables):
         x, x0_prev = carry
         eps = eps_fn(x, t_all[i]).astype(jnp.float32)
         x0 = (x - sigma[i] * eps) / alpha[i]
+        if tables.clip_x0:  # and the eps that the clipped x0 implies, as improved-diffusion does
+            x0 = jnp.clip(x0, -tables.clip_x0, tables.clip_x0)
+            eps = (x - alpha[i] * x0) / sigma[i]
         z = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
         c = {k: v[i] for k, v in coefs.items()}
         return _update(tables.name, c, x, eps, x0, x0_prev, z), x0

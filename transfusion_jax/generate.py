@@ -56,6 +56,7 @@ class ImageSampling:
     sampler: str = "ddpm"     # diffusion.SAMPLERS
     steps: int = 250          # the paper's DDPM-250
     eta: float = 0.0          # DDIM only
+    clip_x0: float = 0.0      # > 0: clip predicted x0 (pixel models: 1), see diffusion.sampler_tables
 
 
 class Prompt(NamedTuple):
@@ -258,7 +259,8 @@ class Generator:
     def __init__(self, cfg, schedule: diffusion.Schedule, specials: Specials = Specials(),
                  image: ImageSampling = ImageSampling(), text: TextSampling = TextSampling()):
         self.model, self.specials, self.text = Transfusion(cfg), specials, text
-        self.tables = diffusion.sampler_tables(schedule, image.sampler, image.steps, image.eta)
+        self.tables = diffusion.sampler_tables(schedule, image.sampler, image.steps, image.eta,
+                                               clip_x0=image.clip_x0)
         self._compiled = {}
 
     def __call__(self, params, prompt: Prompt, key, uncond: Prompt | None = None,

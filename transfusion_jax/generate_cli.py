@@ -81,7 +81,7 @@ def make_generator(config, specials, args, text_sampling=None):
     return gen.Generator(
         config.model, diffusion.make_schedule(config.diffusion.schedule,
                                               config.diffusion.timesteps), specials,
-        gen.ImageSampling(args.sampler, args.steps, args.eta),
+        gen.ImageSampling(args.sampler, args.steps, args.eta, config.diffusion.clip_x0),
         text_sampling or gen.TextSampling(args.temperature, args.top_k, args.top_p))
 
 
