@@ -85,14 +85,7 @@ class HostData:
             [next(iter(self._pipelines.values())).metrics()]
         if len(owned) == 1:
             return owned[0]
-        m = {k: sum(part[k] for part in owned) for k in counters.COUNTERS}
-        # The same ratios as DataPipeline.metrics, of the summed counters.
-        pairs = m["caption_first"] + m["image_first"]
-        elements = m["text_tokens"] + m["patches"] + m["padding"]
-        m["text_to_patch_ratio"] = m["text_document_tokens"] / max(m["image_document_patches"], 1)
-        m["caption_first_rate"] = m["caption_first"] / max(pairs, 1)
-        m["padding_fraction"] = m["padding"] / max(elements, 1)
-        return m
+        return counters.with_rates({k: sum(part[k] for part in owned) for k in counters.COUNTERS})
 
     def close(self) -> None:
         for pipeline in self._pipelines.values():

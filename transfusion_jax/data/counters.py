@@ -39,3 +39,13 @@ def counts(**values: int) -> np.ndarray:
 
 def as_dict(vector: np.ndarray) -> dict[str, int]:
     return {name: int(vector[i]) for i, name in enumerate(COUNTERS)}
+
+
+def with_rates(m: dict) -> dict:
+    """The counters plus the rates derived from them (text:patch ratio, caption-first rate,
+    padding fraction); for one pipeline's counters or for several summed."""
+    pairs = m["caption_first"] + m["image_first"]
+    elements = m["text_tokens"] + m["patches"] + m["padding"]
+    return dict(m, text_to_patch_ratio=m["text_document_tokens"] / max(m["image_document_patches"], 1),
+                caption_first_rate=m["caption_first"] / max(pairs, 1),
+                padding_fraction=m["padding"] / max(elements, 1))

@@ -142,13 +142,7 @@ class DataPipeline:
 
     def metrics(self) -> dict[str, float]:
         """Counters (documents, skipped_<reason>, rows, text_tokens, patches, ...) and rates."""
-        m = counters.as_dict(self._counts)
-        pairs = m["caption_first"] + m["image_first"]
-        elements = m["text_tokens"] + m["patches"] + m["padding"]
-        m["text_to_patch_ratio"] = m["text_document_tokens"] / max(m["image_document_patches"], 1)
-        m["caption_first_rate"] = m["caption_first"] / max(pairs, 1)
-        m["padding_fraction"] = m["padding"] / max(elements, 1)
-        return m
+        return counters.with_rates(counters.as_dict(self._counts))
 
     def close(self) -> None:
         close = getattr(self._iterator, "close", None)
