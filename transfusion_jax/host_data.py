@@ -44,15 +44,17 @@ def stream_rows(batch_size: int, num_streams: int, lo: int, hi: int):
 
 
 class HostData:
-    """next() -> this process's rows (the batch contract, numpy); states per stream."""
+    """next() -> this process's rows (the batch contract, numpy: `images`, or `latents` for
+    precomputed latents); states per stream. `latent_shape`: see make_pipeline."""
 
     def __init__(self, config, *, patches_per_image: int, tokenizer, num_streams: int,
-                 rows: tuple[int, int]):
+                 rows: tuple[int, int], latent_shape: tuple[int, ...] | None = None):
         self.num_streams = num_streams
         self._rows = stream_rows(config.batch_size, num_streams, *rows)
         self._pipelines = {s: make_pipeline(config, patches_per_image=patches_per_image,
                                             tokenizer=tokenizer, shard_index=s,
-                                            shard_count=num_streams) for s in self._rows}
+                                            shard_count=num_streams, latent_shape=latent_shape)
+                           for s in self._rows}
         self.max_images = next(iter(self._pipelines.values())).max_images
         # The process holding a stream's first row saves its state: exactly one per stream.
         self.owned = [s for s, rows in self._rows.items() if rows.start == 0]

@@ -5,13 +5,16 @@
     config = get_data_config(seq_len=4096, batch_size=8)          # or config.data of an experiment
     tokenizer = get_tokenizer(config, workdir)                     # trained once, kept in workdir
     pipeline = make_pipeline(config, patches_per_image=P, tokenizer=tokenizer)
-    batch = next(pipeline)                                         # dict of numpy arrays (DESIGN.md)
+    batch = next(pipeline)                                         # dict of numpy arrays (DESIGN.md):
+                                                                   # `images`, or `latents` with
+                                                                   # image_source "latents"
     state = pipeline.get_state(); pipeline.set_state(state)        # bytes, for the checkpoint
     pipeline.metrics()                                             # counters for logging
 
 Modules: config (the data ConfigDict), shapes / shapes_text (the embedded shapes world and its
 parsers), tokenizer, sources, documents (records -> documents), packing (documents -> rows),
-mixing (text:patch ratio), pipeline (Grain), counters (pipeline metrics).
+mixing (text:patch ratio), pipeline (Grain), counters (pipeline metrics), latent_records
+(precomputed latents: the format transfusion_jax.precompute writes, and their source).
 """
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.data.pipeline import DataPipeline, make_pipeline

@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 TEXT_SOURCES = ("shapes", "tfds", "text_files", "none")
-IMAGE_SOURCES = ("shapes", "coco", "image_files", "none")
+IMAGE_SOURCES = ("shapes", "coco", "image_files", "latents", "none")
 SHAPES_SPLITS = ("train", "heldout")
 
 
@@ -56,6 +56,8 @@ def _defaults() -> ml_collections.ConfigDict:
     # Local files.
     c.image_files_path = ""  # a folder (image + same-named .txt caption) or a JSONL of image, caption
     c.text_files_path = ""  # a .txt (one document a line), a .jsonl ({"text": ...}) or a folder of .txt
+    # Precomputed latents (python -m transfusion_jax.precompute --out DIR): image_source "latents".
+    c.latents_dir = ""
     return c
 
 
@@ -113,6 +115,8 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
            c.text_files_path, "a path when text_source is 'text_files'")
     _check(c.image_source != "image_files" or bool(c.image_files_path), "image_files_path",
            c.image_files_path, "a path when image_source is 'image_files'")
+    _check(c.image_source != "latents" or bool(c.latents_dir), "latents_dir", c.latents_dir,
+           "the --out folder of transfusion_jax.precompute when image_source is 'latents'")
     for field in ("coco_karpathy_json", "coco_image_root"):
         _check(c.image_source != "coco" or bool(c[field]), field, c[field],
                "a path when image_source is 'coco'")

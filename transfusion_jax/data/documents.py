@@ -6,11 +6,15 @@ A source record is a dict of one of three kinds:
                                                            drawn when several are given)
   {"parts": [{"text": ...} | {"image": IMAGE}, ...]}       interleaved document
 where IMAGE is a uint8 array [H, W] or [H, W, 1|3|4], a file path, or encoded image bytes.
+Records of precomputed latents (data.image_source "latents", see latent_records.py) have the
+same kinds with IMAGE a float32 latent array [h, w, C], or {"error": reason} where the image
+failed to load when it was encoded.
 
 A document is a dict of arrays, the unit the mixer and the packer work on:
   tokens [n] int32: BOS ... EOS with BOI, P PAD placeholders, EOI for each image
   boi [k] int32: index of each image's BOI in tokens
-  images [k, S, S, 3] float32 in [-1, 1];  max_timestep [k] int32
+  images [k, S, S, 3] float32 in [-1, 1] (or [k, h, w, C] raw latents: `image_slot`)
+  max_timestep [k] int32
   counts: counter vector (counters.py)
 A record that cannot become a document gives an empty document (n = 0) whose counts say why:
 bad input is counted, never fatal and never silent.
@@ -91,17 +95,45 @@ def load_image(value, size: int) -> np.ndarray:
     return np.asarray(image, np.float32) / 127.5 - 1.0
 
 
+def load_latents(value, shape: tuple[int, ...]) -> np.ndarray:
+    """A precomputed image: float32 latents of `shape`. {"error": reason} is an image that failed
+    to load when it was encoded; it is skipped here, where its pixels would have failed."""
+    if isinstance(value, dict) and "error" in value:
+        reason = value["error"]
+        raise SkipDocument(reason if reason in counters.SKIP_REASONS else "bad_record")
+    if not isinstance(value, np.ndarray):
+        raise SkipDocument("bad_record")
+    if value.dtype != np.float32 or value.shape != tuple(shape):
+        raise SkipDocument("bad_image_shape")
+    return value
+
+
+def image_slot(image_size: int, latent_shape: tuple[int, ...] | None = None):
+    """(batch key, shape of one image) of the image slots: pixels "images" [S, S, 3], or
+    precomputed raw latents "latents" [h, w, C] when `latent_shape` is given."""
+    if latent_shape is None:
+        return "images", (image_size, image_size, 3)
+    return "latents", tuple(int(d) for d in latent_shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Documents.
 
 class DocumentBuilder:
-    """record, rng -> document. A Grain random_map transform; picklable for worker processes."""
+    """record, rng -> document. A Grain random_map transform; picklable for worker processes.
+
+    With `latent_shape` the records' images are precomputed latents of that shape (the latents
+    source), taken as they are; every other step, and every random draw, is the pixel path's,
+    so a record gives the same document either way but for its images."""
 
     def __init__(self, tokenizer, *, patches_per_image: int, image_size: int,
-                 caption_first_prob: float, p_uncond: float, num_timesteps: int):
+                 caption_first_prob: float, p_uncond: float, num_timesteps: int,
+                 latent_shape: tuple[int, ...] | None = None):
         self.tok = tokenizer
         self.P = patches_per_image
         self.image_size = image_size
+        self.latent_shape = latent_shape
+        _, self.slot_shape = image_slot(image_size, latent_shape)
         self.caption_first_prob = caption_first_prob
         self.p_uncond = p_uncond
         self.T = num_timesteps
@@ -113,9 +145,8 @@ class DocumentBuilder:
             return self.empty(counters.counts(skipped=1, **{f"skipped_{e.reason}": 1}))
 
     def empty(self, counts: np.ndarray) -> dict:
-        s = self.image_size
         return {"tokens": np.zeros(0, np.int32), "boi": np.zeros(0, np.int32),
-                "images": np.zeros((0, s, s, 3), np.float32),
+                "images": np.zeros((0, *self.slot_shape), np.float32),
                 "max_timestep": np.zeros(0, np.int32), "counts": counts}
 
     def _build(self, record, rng) -> dict:
@@ -131,6 +162,11 @@ class DocumentBuilder:
             return self._interleaved(record["parts"])
         raise SkipDocument("bad_record")
 
+    def _load(self, value) -> np.ndarray:
+        if self.latent_shape is not None:
+            return load_latents(value, self.latent_shape)
+        return load_image(value, self.image_size)
+
     def _image_tokens(self) -> list[int]:
         return [self.tok.boi_id] + [self.tok.pad_id] * self.P + [self.tok.eoi_id]
 
@@ -143,9 +179,8 @@ class DocumentBuilder:
                 piece = self._image_tokens()
             tokens.extend(piece)
         tokens.append(self.tok.eos_id)
-        s = self.image_size
         return {"tokens": np.asarray(tokens, np.int32), "boi": np.asarray(boi, np.int32),
-                "images": np.asarray(images, np.float32).reshape(len(images), s, s, 3),
+                "images": np.asarray(images, np.float32).reshape(len(images), *self.slot_shape),
                 "max_timestep": np.asarray(max_timestep, np.int32).reshape(len(images)),
                 "counts": counts}
 
@@ -160,17 +195,17 @@ class DocumentBuilder:
             caption = caption[int(rng.integers(len(caption)))] if caption else ""
         drop, order = rng.random(), rng.random()  # drawn always: one rng stream per record
         text = decode_text(caption if caption is not None else "", "empty_caption")
-        pixels = load_image(image, self.image_size)
+        loaded = self._load(image)  # pixels, or precomputed latents
         common = dict(documents=1, pair_documents=1, images=1, image_document_patches=self.P)
         if drop < self.p_uncond:  # caption dropout: an unconditional image, full noise range
-            return self._document([None], [pixels], [self.T], counters.counts(
+            return self._document([None], [loaded], [self.T], counters.counts(
                 captions_dropped=1, **common))
         ids = self.tok.encode(text)
         if order < self.caption_first_prob:
-            return self._document([ids, None], [pixels], [self.T], counters.counts(
+            return self._document([ids, None], [loaded], [self.T], counters.counts(
                 caption_first=1, **common))
         # Image before its caption: noise limited to T/2 so the caption can learn from it.
-        return self._document([None, ids], [pixels], [self.T // 2], counters.counts(
+        return self._document([None, ids], [loaded], [self.T // 2], counters.counts(
             image_first=1, **common))
 
     def _interleaved(self, parts) -> dict:
@@ -180,7 +215,7 @@ class DocumentBuilder:
         for part in parts:
             if isinstance(part, dict) and "image" in part:
                 pieces.append(None)
-                images.append(load_image(part["image"], self.image_size))
+                images.append(self._load(part["image"]))
             elif isinstance(part, dict) and "text" in part:
                 text = part["text"]
                 if isinstance(text, (str, bytes)) and not text.strip():

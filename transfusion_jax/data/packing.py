@@ -7,6 +7,8 @@ Rules:
     current row and then whole rows; a cut never falls inside BOI..EOI. Each piece is its own
     segment (positions restart, no attention across pieces); the first piece keeps BOS, the last
     keeps EOS.
+Image slots hold pixels (`images` [M, S, S, 3]) or, for the latents source, precomputed raw
+latents (`latents` [M, h, w, C], `latent_shape`); the rest of a row does not depend on which.
 The packer is a Grain iterator whose state is (parent state before the pending document,
 elements of it already emitted): restoring re-reads that document and re-packs identically.
 """
@@ -18,6 +20,7 @@ import grain
 import numpy as np
 
 from transfusion_jax.data import counters
+from transfusion_jax.data.documents import image_slot
 
 COUNTS_KEY = "_counts"  # per-row counter deltas; the pipeline pops it before yielding batches
 
@@ -37,9 +40,11 @@ def piece_stop(n: int, boi: np.ndarray, offset: int, free: int, free_slots: int,
 
 
 def assemble_row(pieces, *, L: int, M: int, P: int, image_size: int, pad_id: int, boi_id: int,
-                 num_timesteps: int) -> dict[str, np.ndarray]:
-    """One row from pieces (doc, start, stop), laid out left to right. Pure."""
-    s = image_size
+                 num_timesteps: int, latent_shape: tuple[int, ...] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """One row from pieces (doc, start, stop), laid out left to right. Pure. The image slots are
+    `images` [M, S, S, 3], or `latents` [M, *latent_shape] when that is given (image_slot)."""
+    image_key, image_shape = image_slot(image_size, latent_shape)
     row = {
         "tokens": np.full(L, pad_id, np.int32),
         "segment_ids": np.zeros(L, np.int32),
@@ -47,7 +52,7 @@ def assemble_row(pieces, *, L: int, M: int, P: int, image_size: int, pad_id: int
         "mask_pos": np.arange(L, dtype=np.int32),
         "patch_index": np.full(L, -1, np.int32),
         "patch_positions": np.zeros((M, P), np.int32),
-        "images": np.zeros((M, s, s, 3), np.float32),
+        image_key: np.zeros((M, *image_shape), np.float32),
         "image_mask": np.zeros(M, bool),
         "max_timestep": np.full(M, num_timesteps, np.int32),
     }
@@ -63,7 +68,7 @@ def assemble_row(pieces, *, L: int, M: int, P: int, image_size: int, pad_id: int
             row["mask_pos"][patches] = first + P - 1
             row["patch_index"][patches] = slot * P + np.arange(P)
             row["patch_positions"][slot] = patches
-            row["images"][slot] = doc["images"][j]
+            row[image_key][slot] = doc["images"][j]
             row["image_mask"][slot] = True
             row["max_timestep"][slot] = doc["max_timestep"][j]
             slot += 1
@@ -103,10 +108,11 @@ class PackIterDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_images: int,
                  patches_per_image: int, image_size: int, pad_id: int, boi_id: int,
-                 num_timesteps: int):
+                 num_timesteps: int, latent_shape: tuple[int, ...] | None = None):
         super().__init__(parent)
         self.layout = dict(L=seq_len, M=max_images, P=patches_per_image, image_size=image_size,
-                           pad_id=pad_id, boi_id=boi_id, num_timesteps=num_timesteps)
+                           pad_id=pad_id, boi_id=boi_id, num_timesteps=num_timesteps,
+                           latent_shape=latent_shape)
 
     def __iter__(self):
         return _PackIterator(self._parent.__iter__(), self.layout)

@@ -8,6 +8,10 @@ Batches are a function of (config, seed, P, shard, worker_count) and the step: t
 every per-document draw are seeded by record index, and the packer/mixer states are part of
 the iterator state, so restoring a state continues with exactly the batches that would have
 followed. Changing `worker_count` changes the order (each worker packs its own slice).
+
+With data.image_source "latents" (images precomputed by transfusion_jax.precompute) a batch
+carries `latents` float32 [B, M, h, w, C] (raw VAE means) in place of `images`; its other
+fields are the ones the source the latents came from gives for the same seed.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 from transfusion_jax.data import counters
 from transfusion_jax.data.config import resolve_max_images, validate_data_config
 from transfusion_jax.data.documents import DocumentBuilder
+from transfusion_jax.data.latent_records import LatentsSource, check_latents
 from transfusion_jax.data.mixing import RatioMixIterDataset
 from transfusion_jax.data.packing import COUNTS_KEY, PackIterDataset
 from transfusion_jax.data.sources import build_sources
@@ -58,10 +63,14 @@ class DataPipeline:
     state = pipeline.get_state()   # bytes (JSON); save it with the model checkpoint
     pipeline.set_state(state)      # continue with the batches that followed that state
     pipeline.metrics()             # counters of everything consumed so far
+
+    `latent_shape` (h, w, C), when given, is what the model expects of precomputed latents
+    (image_source "latents"): a folder of another shape is an error at start.
     """
 
     def __init__(self, config, *, patches_per_image: int, tokenizer,
-                 shard_index: int | None = None, shard_count: int | None = None):
+                 shard_index: int | None = None, shard_count: int | None = None,
+                 latent_shape: tuple[int, ...] | None = None):
         validate_data_config(config)
         self.max_images = resolve_max_images(config, patches_per_image)  # raises if P + 2 > L
         self.patches_per_image = patches_per_image = int(patches_per_image)
@@ -78,7 +87,7 @@ class DataPipeline:
                         "shard_index": self.shard_index, "shard_count": self.shard_count,
                         "worker_count": config.worker_count, "text_source": config.text_source,
                         "image_source": config.image_source}
-        self._dataset = self._build(config, tokenizer)
+        self._dataset = self._build(config, tokenizer, latent_shape)
         self._iterator = iter(self._dataset)
         self._counts = np.zeros(len(counters.COUNTERS), np.int64)
 
@@ -96,19 +105,25 @@ class DataPipeline:
         return ds.to_iter_dataset(grain.ReadOptions(
             num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size))
 
-    def _build(self, config, tokenizer) -> grain.IterDataset:
+    def _build(self, config, tokenizer, latent_shape) -> grain.IterDataset:
+        text_source, image_source = build_sources(config)
+        self.latent_shape = None  # pixels
+        if isinstance(image_source, LatentsSource):
+            check_latents(image_source, image_size=config.image_size,
+                          patches_per_image=self.patches_per_image, latent_shape=latent_shape)
+            self.latent_shape = image_source.latent_shape
         builder = DocumentBuilder(
             tokenizer, patches_per_image=self.patches_per_image, image_size=config.image_size,
             caption_first_prob=config.caption_first_prob, p_uncond=config.p_uncond,
-            num_timesteps=config.num_timesteps)
-        text_source, image_source = build_sources(config)
+            num_timesteps=config.num_timesteps, latent_shape=self.latent_shape)
         docs = RatioMixIterDataset(self._stream(text_source, builder, 0, config),
                                    self._stream(image_source, builder, 1, config),
                                    config.text_to_patch_ratio)
         rows = PackIterDataset(
             docs, seq_len=config.seq_len, max_images=self.max_images,
             patches_per_image=self.patches_per_image, image_size=config.image_size,
-            pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps)
+            pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps,
+            latent_shape=self.latent_shape)
         batches = rows.batch(self.batch_size, drop_remainder=True)
         if config.worker_count:
             _use_default_flags_if_unparsed()
@@ -151,9 +166,13 @@ class DataPipeline:
 
 
 def make_pipeline(config, *, patches_per_image: int, tokenizer,
-                  shard_index: int | None = None, shard_count: int | None = None) -> DataPipeline:
+                  shard_index: int | None = None, shard_count: int | None = None,
+                  latent_shape: tuple[int, ...] | None = None) -> DataPipeline:
     """The trainer's entry point. `config` is the data ConfigDict (`config.data`);
     `patches_per_image` = (image_size / downsample / patch_size)^2 of the model;
-    shard defaults: this host, jax.process_index() of jax.process_count()."""
+    shard defaults: this host, jax.process_index() of jax.process_count();
+    `latent_shape`: (latent_size, latent_size, latent_channels) of the model, checked against
+    precomputed latents (image_source "latents") when given."""
     return DataPipeline(config, patches_per_image=patches_per_image, tokenizer=tokenizer,
-                        shard_index=shard_index, shard_count=shard_count)
+                        shard_index=shard_index, shard_count=shard_count,
+                        latent_shape=latent_shape)

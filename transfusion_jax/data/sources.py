@@ -3,7 +3,8 @@
 Every source is a picklable sequence (`__len__`, `__getitem__`) so that Grain can shuffle it
 globally, shard it by host and hand it to worker processes. Sources only index and read; all
 decoding and validation happens in documents.py, so a bad record becomes a counted skip there
-(a record {"error": reason} carries a problem found while reading).
+(a record {"error": reason} carries a problem found while reading). LatentsSource
+(latent_records.py) reads the images of one of these sources precomputed as latents.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import numpy as np
 
 from transfusion_jax.data import shapes_text
+from transfusion_jax.data.latent_records import LatentsSource
 from transfusion_jax.data.shapes import scene_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -185,28 +187,44 @@ class ImageFilesSource:
         return {"image": image, "caption": record.get("caption", "")}
 
 
-def build_sources(c) -> tuple[object | None, object | None]:
-    """(text source, image source) of a data config; None where the config says "none"."""
-    shapes = dict(seed=c.shapes_seed, split=c.shapes_split, num_documents=c.shapes_num_documents,
-                  image_size=c.image_size, interleaved_fraction=c.shapes_interleaved_fraction)
-    text = {
-        "shapes": lambda: ShapesSource("text", **shapes),
+def build_text_source(c):
+    """The text-only document source of a data config; None for "none"."""
+    return _non_empty(c, "text_source", {
+        "shapes": lambda: ShapesSource("text", **_shapes_args(c)),
         "tfds": lambda: TfdsTextSource(c.tfds_name, split=c.tfds_split,
                                        data_dir=c.tfds_data_dir, text_key=c.tfds_text_key),
         "text_files": lambda: TextFilesSource(c.text_files_path),
         "none": lambda: None,
-    }[c.text_source]()
-    image = {
-        "shapes": lambda: ShapesSource("image", **shapes),
+    }[c.text_source]())
+
+
+def build_image_source(c):
+    """The image document source of a data config; None for "none". Also what precompute
+    encodes, so record i of a latents folder is record i of this source."""
+    return _non_empty(c, "image_source", {
+        "shapes": lambda: ShapesSource("image", **_shapes_args(c)),
         "coco": lambda: CocoKarpathySource(c.coco_karpathy_json, image_root=c.coco_image_root,
                                            splits=c.coco_split),
         "image_files": lambda: ImageFilesSource(c.image_files_path),
+        "latents": lambda: LatentsSource(c.latents_dir),
         "none": lambda: None,
-    }[c.image_source]()
-    for name, source in (("text_source", text), ("image_source", image)):
-        if source is not None and len(source) == 0:
-            raise ValueError(f"data.{name} = {c[name]!r}: the source has no documents")
-    return text, image
+    }[c.image_source]())
+
+
+def build_sources(c) -> tuple[object | None, object | None]:
+    """(text source, image source) of a data config; None where the config says "none"."""
+    return build_text_source(c), build_image_source(c)
+
+
+def _shapes_args(c) -> dict:
+    return dict(seed=c.shapes_seed, split=c.shapes_split, num_documents=c.shapes_num_documents,
+                image_size=c.image_size, interleaved_fraction=c.shapes_interleaved_fraction)
+
+
+def _non_empty(c, name: str, source):
+    if source is not None and len(source) == 0:
+        raise ValueError(f"data.{name} = {c[name]!r}: the source has no documents")
+    return source
 
 
 def record_texts(record: dict) -> list[str]:
