@@ -1,0 +1,306 @@
+"""Encode a data source's images once, with the frozen autoencoder, into ArrayRecord shards that
+the data pipeline reads in place of pixels: pod-scale runs then skip the encoder in every step.
+
+    python -m transfusion_jax.precompute --config experiments/transfusion.py:ARG \\
+        --autoencoder AE_WORKDIR --out DIR [--shards N] [--batch_size B] [--overwrite] \\
+        [--config.key=value ...]
+
+and train with
+    --config.data.image_source=latents --config.data.latents_dir=DIR \\
+    --config.autoencoder.kind=vae --config.autoencoder.checkpoint=AE_WORKDIR
+
+It reads `config.data`'s image source (the one the pipeline would build, so record i of DIR is
+record i of that source), loads every image as the pipeline does (data.image_size, RGB in
+[-1, 1]), encodes them in jitted batches of B (VAE: the raw posterior mean, float32, normalised
+later in the train step; VQ-VAE: the int32 code ids) and writes the records, images replaced
+by their latents, in order into N contiguous shards, then manifest.json. The format is in
+transfusion_jax/data/latent_records.py. --autoencoder defaults to config.autoencoder.checkpoint.
+
+One process encodes everything (on its first device); shapes-world and local-file sources are
+read with data.read_threads threads. Progress (records/s) goes to stderr every 10 s.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from transfusion_jax import checkpoint, cli
+from transfusion_jax.data import latent_records as R
+from transfusion_jax.data.config import validate_data_config
+from transfusion_jax.data.documents import SkipDocument, load_image
+from transfusion_jax.data.sources import build_image_source
+from transfusion_jax.model.autoencoder import Autoencoder, downsample_factor
+
+AE_HINT = ("the workdir of a trained autoencoder (python -m transfusion_jax.train_autoencoder "
+           "--config experiments/autoencoder.py:kind=vae --workdir DIR)")
+
+# ============================================================================ the encoder
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    kind: str               # "vae" | "vq"
+    fn: Callable            # jitted (variables, pixels [B, S, S, 3]) -> latents [B, *latent_shape]
+    variables: Any
+    latent_shape: tuple     # (h, w, C) for the VAE, (h, w) for the VQ-VAE's ids
+    info: dict              # the manifest's "autoencoder" entry
+
+
+def _checkpoint_step(workdir: str) -> int | None:
+    """The step load_frozen restores (the latest), for the manifest's record."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def load_encoder(workdir: str, image_size: int, batch_size: int) -> Encoder:
+    """The frozen VAE (its posterior mean, through latents.Codec.encode_mean) or VQ-VAE (its
+    code ids) of an autoencoder workdir, for image_size x image_size images."""
+    # Imported here: train_autoencoder brings in the trainer, which the format helpers never need.
+    from transfusion_jax import latents, train_autoencoder
+
+    if not workdir:
+        raise ValueError(f"--autoencoder: none given and config.autoencoder.checkpoint is "
+                         f"empty; expected {AE_HINT}")
+    try:
+        ae_config = checkpoint.read_config(workdir)
+    except FileNotFoundError:
+        raise ValueError(f"--autoencoder = {workdir!r}: no config.json there; expected "
+                         f"{AE_HINT}") from None
+    kind, factor = ae_config.model.kind, downsample_factor(ae_config.model)
+    if kind not in R.KINDS:
+        raise ValueError(f"--autoencoder = {workdir!r}: a {kind!r} autoencoder; expected one of "
+                         f"{sorted(R.KINDS)}")
+    if image_size % factor:
+        raise ValueError(f"data.image_size = {image_size}: the autoencoder in {workdir!r} "
+                         f"downsamples by {factor}; expected a multiple of {factor}")
+    try:
+        if kind == "vae":
+            codec = latents.load(ml_collections.ConfigDict(
+                dict(kind="vae", checkpoint=workdir, downsample=factor)))
+            # float32 whatever the VAE computes in (bfloat16 at paper size): lossless, and
+            # what the train step normalises.
+            fn = jax.jit(lambda v, x: codec.encode_mean(v, x).astype(jnp.float32))
+            variables = codec.variables
+            with open(os.path.join(workdir, "latent_stats.json")) as f:  # what the Codec read
+                stats = json.load(f)
+        else:
+            _, variables, _ = train_autoencoder.load_frozen(workdir)
+            model = Autoencoder(ae_config.model)
+            fn = jax.jit(lambda v, x: model.apply(v, x, method=Autoencoder.encode).ids
+                         .astype(jnp.int32))
+            stats = None
+    except FileNotFoundError as e:  # no checkpoint, or a VAE without latent_stats.json
+        raise ValueError(f"--autoencoder = {workdir!r}: {e}; expected {AE_HINT}") from None
+    pixels = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
+    shape = tuple(jax.eval_shape(fn, variables, pixels).shape[1:])
+    info = {"workdir": os.path.abspath(workdir), "kind": kind, "downsample": factor,
+            "step": _checkpoint_step(workdir), "image_size": ae_config.data.image_size,
+            "latent_stats": stats}
+    return Encoder(kind, fn, variables, shape, info)
+
+
+def encode_images(encoder: Encoder, pixels: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """Latents of each image, in batches of exactly batch_size (the last one zero-padded: one
+    compiled shape). All batches are dispatched before any is read back."""
+    outputs = []
+    for start in range(0, len(pixels), batch_size):
+        x = np.stack(pixels[start:start + batch_size])
+        n = len(x)
+        if n < batch_size:
+            x = np.concatenate([x, np.zeros((batch_size - n, *x.shape[1:]), x.dtype)])
+        outputs.append((encoder.fn(encoder.variables, x), n))
+    return [z for y, n in outputs for z in np.asarray(y)[:n]]
+
+# ============================================================================ records
+
+
+def read_record(source, index: int, image_size: int) -> tuple[Any, list[np.ndarray]]:
+    """(source record i with each image replaced by its number in the returned pixel list, or
+    by {"error": reason} where it does not load, as the pipeline would load it; pixels)."""
+    pixels = []
+
+    def load(value):
+        try:
+            pixels.append(load_image(value, image_size))
+        except SkipDocument as e:
+            return {"error": e.reason}
+        return len(pixels) - 1  # a placeholder: an int, as no image value stays one
+
+    return R.map_images(source[index], load), pixels
+
+
+def record_bytes(index: int, template, latents: list[np.ndarray]) -> bytes:
+    """The stored record: the template's placeholders replaced by latent payloads."""
+    record = R.map_images(template, lambda v: R.latents_payload(latents[v])
+                          if isinstance(v, int) else v)
+    try:
+        return R.pack_record(index, record)
+    except UnicodeEncodeError:  # a str with lone surrogates: the pixel path's invalid_utf8
+        return R.pack_record(index, {"error": "invalid_utf8"})
+    except (TypeError, ValueError, OverflowError):  # a value msgpack cannot store
+        return R.pack_record(index, {"error": "bad_record"})
+
+# ============================================================================ the command
+
+
+class _Progress:
+    """records/s on stderr every `every_s` seconds and at the end."""
+
+    def __init__(self, total: int, every_s: float):
+        self.total, self.every_s = total, every_s
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int, images: int, final: bool = False):
+        now = time.perf_counter()
+        if not final and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate else float("inf")
+        print(f"precompute: {done}/{self.total} records ({100 * done / self.total:.1f}%), "
+              f"{images} images, {rate:.1f} records/s, {now - self.start:.0f}s elapsed"
+              + ("" if final else f", eta {eta:.0f}s"), file=sys.stderr, flush=True)
+
+
+def _check_out(out: str, overwrite: bool) -> list[str]:
+    """--out must be new or empty; with overwrite it may hold a previous precompute, whose
+    files are returned (to remove once the encoder and the source have loaded)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out = {out!r}: a file; expected a folder")
+    present = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if present and not overwrite:
+        raise ValueError(f"--out = {out!r}: not empty ({len(present)} entries); expected an "
+                         "empty or new folder, or --overwrite to replace a precompute there")
+    others = [f for f in present if f != R.MANIFEST
+              and not (f.startswith("latents-") and f.endswith(".array_record"))]
+    if others:
+        raise ValueError(f"--out = {out!r}: holds files precompute did not write ({others[:3]}); "
+                         "expected a folder of a previous precompute to overwrite")
+    # The manifest first: an overwrite cut short leaves a folder that reads as unfinished.
+    return sorted(present, key=lambda f: f != R.MANIFEST)
+
+
+def precompute(config, out: str, *, autoencoder: str = "", shards: int = 1,
+               batch_size: int = 64, overwrite: bool = False, log_every_s: float = 10.0) -> dict:
+    """Encodes config.data's image source into `out`; returns the manifest (also written)."""
+    if "data" not in config:
+        raise ValueError("--config: no `data` field; expected an experiment config such as "
+                         "experiments/transfusion.py")
+    data = config.data
+    validate_data_config(data)
+    if data.image_source in ("none", "latents"):
+        raise ValueError(f"data.image_source = {data.image_source!r}: expected a source of "
+                         "images to encode (shapes, coco, image_files)")
+    if shards < 1 or batch_size < 1:
+        field, value = ("--shards", shards) if shards < 1 else ("--batch_size", batch_size)
+        raise ValueError(f"{field} = {value}: expected an integer >= 1")
+    previous = _check_out(out, overwrite)
+    ae_dir = autoencoder or config.get("autoencoder", {}).get("checkpoint", "")
+    encoder = load_encoder(ae_dir, data.image_size, batch_size)
+    source = build_image_source(data)
+    if shards > len(source):
+        raise ValueError(f"--shards = {shards}: the source has only {len(source)} records; "
+                         "expected at most one shard per record")
+    os.makedirs(out, exist_ok=True)
+    for f in previous:
+        os.remove(os.path.join(out, f))
+    counts = _write_shards(data, source, encoder, out, shards, batch_size,
+                           _Progress(len(source), log_every_s))
+    manifest = {"format": R.FORMAT, "kind": encoder.kind, "dtype": R.KINDS[encoder.kind],
+                "latent_shape": list(encoder.latent_shape), "num_records": len(source),
+                **counts, "autoencoder": encoder.info, "data": data.to_dict()}
+    tmp = os.path.join(out, R.MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(out, R.MANIFEST))  # last: its presence marks a finished run
+    return manifest
+
+
+def _write_shards(data, source, encoder: Encoder, out: str, num_shards: int, batch_size: int,
+                  progress: _Progress) -> dict:
+    """Writes every record, in order, in chunks of a few encoder batches (bounded memory)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    chunk = 4 * batch_size  # records per chunk: about 4+ full batches of images
+    done = images = failed = 0
+    shards = []
+    with ThreadPoolExecutor(max(1, data.read_threads)) as pool:
+        for k, (lo, hi) in enumerate(R.shard_bounds(len(source), num_shards)):
+            name = R.shard_name(k, num_shards)
+            # group_size:1: each record its own chunk, for random access (Grain's advice).
+            writer = ArrayRecordWriter(os.path.join(out, name), "group_size:1")
+            for start in range(lo, hi, chunk):
+                indices = range(start, min(start + chunk, hi))
+                read = list(pool.map(lambda i: read_record(source, i, data.image_size), indices))
+                pixels = [p for _, ps in read for p in ps]
+                latents = encode_images(encoder, pixels, batch_size) if pixels else []
+                at = 0
+                for i, (template, ps) in zip(indices, read):
+                    writer.write(record_bytes(i, template, latents[at:at + len(ps)]))
+                    at += len(ps)
+                done, images = done + len(indices), images + len(pixels)
+                failed += sum(_errors(t) for t, _ in read)
+                progress.update(done, images)
+            writer.close()
+            shards.append({"file": name, "num_records": hi - lo})
+    progress.update(done, images, final=True)
+    return {"num_images": images, "num_failed_images": failed, "shards": shards}
+
+
+def _errors(template) -> int:
+    """Images of a record template that failed to load ({"error": reason} in their place)."""
+    failed = []
+
+    def visit(value):
+        failed.append(isinstance(value, dict))
+        return value
+
+    R.map_images(template, visit)
+    return sum(failed)
+
+
+def main():
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "experiments/transfusion.py[:arg]",
+                                             lock_config=True)
+    autoencoder = flags.DEFINE_string("autoencoder", "", "the autoencoder's workdir "
+                                      "(default: config.autoencoder.checkpoint)")
+    out = flags.DEFINE_string("out", None, "the folder to write the shards and manifest to")
+    shards = flags.DEFINE_integer("shards", 1, "ArrayRecord files to split the records over")
+    batch_size = flags.DEFINE_integer("batch_size", 64, "images per encoder call")
+    overwrite = flags.DEFINE_bool("overwrite", False, "replace a previous precompute in --out")
+
+    def _main(argv):
+        del argv
+        if config.value is None or not out.value:
+            sys.exit("error: --config and --out are required")
+        try:
+            m = precompute(config.value, out.value, autoencoder=autoencoder.value,
+                           shards=shards.value, batch_size=batch_size.value,
+                           overwrite=overwrite.value)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print(f"precompute: {m['num_records']} records, {m['num_images']} images "
+              f"({m['num_failed_images']} failed to load), {m['kind']} latents "
+              f"{tuple(m['latent_shape'])}, in {len(m['shards'])} shards under {out.value}; "
+              f"train with --config.data.image_source=latents "
+              f"--config.data.latents_dir={out.value}", file=sys.stderr)
+
+    app.run(_main, flags_parser=cli._parse)  # the trainers' parser: bad overrides are named
+
+
+if __name__ == "__main__":
+    main()
