@@ -15,10 +15,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from transfusion_jax import diffusion
+from transfusion_jax import diffusion, latents
 from transfusion_jax import generate as gen
 from transfusion_jax.checkpoint import load_for_inference
 from transfusion_jax.data.documents import load_image
@@ -53,13 +54,15 @@ def parse_args(argv=None):
     return args
 
 
-def image_codec(config):
-    """(pixels [-1, 1] -> latents, latents -> pixels) of the run's frozen autoencoder."""
-    kind = config.autoencoder.kind
-    if kind != "identity":
-        raise ValueError(f"autoencoder.kind={kind!r}: generate supports 'identity' (pixel "
-                         "models) so far; a trained autoencoder's encode/decode go here")
-    return (lambda x: x), (lambda z: np.clip(z, -1.0, 1.0))
+def image_codec(config, codec: latents.Codec | None = None):
+    """(pixels [-1, 1] -> latents, latents -> pixels) of the run's frozen autoencoder
+    (`codec`, else loaded from config.autoencoder), each for one image, jitted."""
+    codec = codec or latents.load(config.autoencoder)
+    if codec.kind == "identity":
+        return (lambda x: x), (lambda z: np.clip(z, -1.0, 1.0))
+    encode = jax.jit(lambda x: codec.encode(codec.variables, x[None])[0])
+    decode = jax.jit(lambda z: jnp.clip(codec.decode(codec.variables, z[None])[0], -1.0, 1.0))
+    return (lambda x: np.asarray(encode(jnp.asarray(x)))), (lambda z: np.asarray(decode(z)))
 
 
 def to_uint8(pixels) -> np.ndarray:
@@ -85,11 +88,12 @@ def make_generator(config, specials, args, text_sampling=None):
         text_sampling or gen.TextSampling(args.temperature, args.top_k, args.top_p))
 
 
-def run_tasks(config, params, tok, args):
+def run_tasks(config, params, tok, args, codec=None):
     """-> list of records {task, input, sample, text, images, pixels}; writes grids into
-    args.out. `pixels` holds the generated images (uint8 [H, W, 3]) for scoring."""
+    args.out. `pixels` holds the generated images (uint8 [H, W, 3]) for scoring. `codec`: the
+    frozen autoencoder when the caller has it loaded (else read from config.autoencoder)."""
     specials = gen.Specials.from_tokenizer(tok)
-    encode, decode = image_codec(config)
+    encode, decode = image_codec(config, codec)
     g = make_generator(config, specials, args)
     key, n, records = jax.random.key(args.seed), args.num_samples, []
 
@@ -129,7 +133,7 @@ def run_tasks(config, params, tok, args):
 
 
 def text_to_image_samples(config, variables, tok, prompts, out, sampler="dpm++2m", steps=20,
-                          guidance=3.0, images=(), max_new_tokens=48):
+                          guidance=3.0, images=(), max_new_tokens=48, codec=None):
     """Images for `prompts` (and captions for `images`, PNG paths) with one sample each, as the
     CLI would make them; grids land in `out`. -> run_tasks' records."""
     argv = ["--workdir", "", "--out", out, "--num-samples", "1", "--sampler", sampler,
@@ -137,7 +141,7 @@ def text_to_image_samples(config, variables, tok, prompts, out, sampler="dpm++2m
             "--max-new-tokens", str(max_new_tokens)]
     argv += [x for p in prompts for x in ("--prompt", p)] + [x for i in images for x in ("--image", i)]
     os.makedirs(out, exist_ok=True)
-    return run_tasks(config, variables, tok, parse_args(argv))
+    return run_tasks(config, variables, tok, parse_args(argv), codec)
 
 
 def main(argv=None):

@@ -25,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
 
 from transfusion_jax import (checkpoint, cli, demo_report, diffusion, distributed, flops,
-                             generate_cli, losses, optim, sharding, train_state)
+                             generate_cli, latents, losses, optim, sharding, train_state)
+from transfusion_jax.data import latent_records
 from transfusion_jax.data.config import check_fits
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.host_data import HostData, process_rows
@@ -61,13 +63,12 @@ def check_config(config, num_devices: int):
         raise ValueError(f"model.dim={m.dim} must be divisible by model.heads={m.heads}")
     check_fits(d, patches_per_image(m))  # an image plus BOI and EOI must fit in a row
     ae = config.autoencoder
-    if ae.kind != "identity":
-        raise ValueError(f"autoencoder.kind={ae.kind!r}: only 'identity' is available to the "
-                         "trainer so far (trained autoencoders: issue 5)")
+    if ae.kind not in latents.KINDS:
+        latents.load(ae)  # raises, naming the field and the kinds the trainer takes
     if d.image_size != m.latent_size * ae.downsample:
         raise ValueError(f"data.image_size={d.image_size} must equal model.latent_size="
                          f"{m.latent_size} * autoencoder.downsample={ae.downsample}")
-    if m.latent_channels != 3:
+    if ae.kind == "identity" and m.latent_channels != 3:
         raise ValueError(f"model.latent_channels={m.latent_channels}: the identity autoencoder "
                          "passes RGB pixels, expected 3")
     if not 0 <= config.ema_decay < 1:
@@ -80,14 +81,12 @@ def check_config(config, num_devices: int):
 # ============================================================================ the step
 
 
-def encode_images(config, images):
-    """Pixels -> latents of the frozen autoencoder (identity: the pixels themselves)."""
-    del config  # one kind so far; see check_config
-    return images
+def make_train_step(config, model, tx, codec: latents.Codec = latents.IDENTITY):
+    """train_step(state, batch, ae_variables) -> (state, metrics); pure, for jit with donation.
 
-
-def make_train_step(config, model, tx):
-    """train_step(state, batch) -> (state, metrics); pure, for jit with donation."""
+    The frozen autoencoder's weights come in as `ae_variables` (no gradient flows to them).
+    A batch with `latents` (precomputed raw means, transfusion_jax.precompute) skips the
+    encoder; a batch with `images` (pixels) is encoded here."""
     schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
     lr = optim.learning_rate(config.optimizer, config.total_steps)
     k = config.grad_accum
@@ -117,14 +116,17 @@ def make_train_step(config, model, tx):
         (grads, metrics), _ = jax.lax.scan(body, acc, jax.tree.map(micro, inputs))
         return grads, metrics
 
-    def train_step(state, batch):
+    def train_step(state, batch, ae_variables=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         key_t, key_noise = jax.random.split(key)
-        x0 = encode_images(config, batch["images"])
+        if "latents" in batch:
+            x0 = codec.normalize(batch["latents"])
+        else:
+            x0 = codec.encode(jax.lax.stop_gradient(ae_variables), batch["images"])
         t = diffusion.sample_timesteps(key_t, batch["max_timestep"])
         noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
         xt = diffusion.q_sample(schedule, x0, t, noise)
-        model_batch = {k_: v for k_, v in batch.items() if k_ != "images"}
+        model_batch = {k_: v for k_, v in batch.items() if k_ not in ("images", "latents")}
         normalizers = (batch["text_weights"].sum(), batch["image_mask"].sum().astype(jnp.float32))
         grads, metrics = grads_and_metrics(state.params, (model_batch, xt, t, noise), normalizers)
 
@@ -206,9 +208,20 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
     manager = checkpoint.make_manager(workdir, every=1, keep=config.keep_checkpoints)
     start = manager.latest_step() or 0
     streams = _data_streams(manager, start, data_streams)
-    pipeline = HostData(config.data, patches_per_image=patches_per_image(config.model),
+    m = config.model
+    precomputed = config.data.image_source == "latents"
+    if precomputed:  # the latents must come from the VAE whose statistics normalise them
+        latent_records.check_autoencoder(config.data.latents_dir, config.autoencoder.checkpoint)
+    pipeline = HostData(config.data, patches_per_image=patches_per_image(m),
                         tokenizer=tokenizer, num_streams=streams,
-                        rows=process_rows(batch_sharding, config.data.batch_size))
+                        rows=process_rows(batch_sharding, config.data.batch_size),
+                        latent_shape=((m.latent_size, m.latent_size, m.latent_channels)
+                                      if precomputed else None))
+
+    # --- the frozen autoencoder, replicated: every device encodes its own rows' images
+    codec = latents.load(config.autoencoder)
+    latents.check(codec, config.model)
+    ae_variables = jax.device_put(codec.variables, NamedSharding(mesh, PartitionSpec()))
 
     # --- model and state (restored when the workdir has a checkpoint)
     model, tx = train_state.model_and_optimizer(config)
@@ -223,8 +236,9 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
     shardings = jax.tree.map(lambda x: x.sharding, state)
 
     # --- compile once, log memory
-    step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0,
-                      in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+    step_fn = jax.jit(make_train_step(config, model, tx, codec), donate_argnums=0,
+                      in_shardings=(shardings, batch_sharding, None),
+                      out_shardings=(shardings, None))
 
     def next_batch():
         local = next(pipeline)
@@ -233,7 +247,7 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         batch = next_batch()
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch).compile()
+        compiled = step_fn.lower(state, batch, ae_variables).compile()
         _log_compile(compiled, time.perf_counter() - t0)
 
     elements = config.data.batch_size * config.data.seq_len
@@ -263,7 +277,8 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
         """Images for fixed prompts into workdir/samples/<step>/ (single-process runs)."""
         variables = {"params": state.ema_params if state.ema_params is not None else state.params}
         out = os.path.join(workdir, "samples", str(step))
-        generate_cli.text_to_image_samples(config, variables, tokenizer, sample_prompts, out)
+        generate_cli.text_to_image_samples(config, variables, tokenizer, sample_prompts, out,
+                                           codec=codec)
         distributed.log(f"step {step}: samples in {out}")
 
     sample_prompts = list(config.sample_prompts) or (
@@ -282,7 +297,7 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             for step in range(start + 1, min(stop_at, config.total_steps) + 1):
-                state, metrics = compiled(state, batch)
+                state, metrics = compiled(state, batch, ae_variables)
                 data_metrics = pipeline.metrics()  # counters after this step's batch
                 preempted = preemption.reached(step)
                 if step % config.checkpoint_every == 0 or preempted:

@@ -29,6 +29,7 @@ from transfusion_jax import checkpoint, cli, lpips, optim, sharding
 from transfusion_jax.data import shapes
 from transfusion_jax.metrics import MetricsWriter
 from transfusion_jax.model.autoencoder import Autoencoder, check_config
+from transfusion_jax.train import Preemption
 
 # ============================================================================ state
 
@@ -65,11 +66,28 @@ def _create(config, model, disc, tx, dtx, rng):
                    disc_opt_state=dtx.init(disc_params), rng=jax.random.key_data(rng))
 
 
+def abstract_state(config, parts, mesh):
+    """The state's shapes, dtypes and shardings (for init, resume and loading)."""
+    create = lambda: _create(config, *parts, jax.random.key(0))  # noqa: E731
+    shardings = sharding.logical_shardings(jax.eval_shape(create), mesh, config.sharding_rules)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        jax.eval_shape(lambda: nn.unbox(create())), shardings)
+
+
 def init_state(config, parts, mesh):
-    boxed = jax.eval_shape(lambda: _create(config, *parts, jax.random.key(0)))
-    shardings = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
+    shardings = jax.tree.map(lambda s: s.sharding, abstract_state(config, parts, mesh))
     create = jax.jit(lambda key: nn.unbox(_create(config, *parts, key)), out_shardings=shardings)
-    return create(jax.random.key(config.seed)), shardings
+    return create(jax.random.key(config.seed))
+
+
+def init_or_restore(config, parts, mesh, manager):
+    """(state, step): the latest checkpoint's when the workdir has one, else a fresh state."""
+    start = manager.latest_step()
+    if start is None:
+        return init_state(config, parts, mesh), 0
+    state, _ = checkpoint.restore(manager, start, abstract_state(config, parts, mesh))
+    print(f"resumed from {manager.directory}/{start}", file=sys.stderr, flush=True)
+    return state, start
 
 # ============================================================================ step
 
@@ -183,20 +201,28 @@ def train(config, workdir: str) -> dict:
         raise ValueError(f"data.batch_size: got {config.data.batch_size}, expected a multiple of "
                          f"the {shards} data-parallel shards of the mesh")
     lpips_params = lpips.from_config(config.loss)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config.sharding_rules)):
-        state, _ = init_state(config, parts, mesh)
-        steps = {gan: jax.jit(make_train_step(config, *parts, gan=gan), donate_argnums=0)
-                 for gan in (False, True)}
-        return _loop(config, workdir, model, steps, state, mesh, lpips_params)
+    manager = checkpoint.make_manager(workdir, every=config.checkpoint_every, keep=2)
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(
+                sharding.rules_from_config(config.sharding_rules)):
+            state, start = init_or_restore(config, parts, mesh, manager)
+            steps = {gan: jax.jit(make_train_step(config, *parts, gan=gan), donate_argnums=0)
+                     for gan in (False, True)}
+            return _loop(config, workdir, model, steps, state, start, mesh, lpips_params, manager)
+    finally:
+        manager.wait_until_finished(), manager.close()
 
 
-def _loop(config, workdir, model, steps, state, mesh, lpips_params):
+def _loop(config, workdir, model, steps, state, step, mesh, lpips_params, manager):
+    """Steps from `step` to total_steps (or the time limit, or SIGTERM/SIGINT), then the
+    held-out evaluation, the checkpoint and, for the VAE, latent_stats.json."""
     d, start = config.data, time.time()
     heldout = scene_batch(config.seed, "heldout", 0, d.heldout_images, d.image_size)
-    evaluate, writer = make_eval(model), MetricsWriter(workdir, config.total_steps)
-    manager = checkpoint.make_manager(workdir, every=config.checkpoint_every, keep=2)
-    limit = config.get("time_limit_s", 0)
-    step, results = 0, {}
+    evaluate = make_eval(model)
+    writer = MetricsWriter(workdir, config.total_steps, resume_step=step)
+    preemption, limit, results = Preemption(), config.get("time_limit_s", 0), {}
+    save = lambda: checkpoint.save(manager, step, state, json.dumps({"step": step}).encode(),  # noqa: E731
+                                   force=True)
     while step < config.total_steps and not (limit and time.time() - start > limit):
         x, _ = scene_batch(config.seed, "train", step * d.batch_size, d.batch_size, d.image_size)
         x = jax.device_put(x, sharding.batch_sharding(mesh))
@@ -206,13 +232,19 @@ def _loop(config, workdir, model, steps, state, mesh, lpips_params):
             metrics = {k: float(v) for k, v in metrics.items()}
             writer.write(step, {**metrics, "wall_s": time.time() - start})
             writer.progress(step, metrics)
+        if step % config.checkpoint_every == 0 or preemption.requested:
+            save()
+        if preemption.requested:
+            writer.close()
+            return {"step": step, "preempted": True}
         if step % config.eval_every == 0:
             results = _eval_and_log(config, workdir, evaluate, state, heldout, writer, step, start)
-    if step % config.eval_every:  # else the loop has just evaluated this step
+    if not results or results["step"] != step:
         results = _eval_and_log(config, workdir, evaluate, state, heldout, writer, step, start)
-    checkpoint.save(manager, step, state, json.dumps({"step": step}).encode(), force=True)
-    manager.wait_until_finished(), manager.close(), writer.close()
-    if config.model.kind == "vae":  # groundwork for the Transfusion trainer (issue 5, part 4)
+    if manager.latest_step() != step:
+        save()
+    writer.close()
+    if config.model.kind == "vae":  # the Transfusion trainer's normalisation (latents.py)
         with open(os.path.join(workdir, "latent_stats.json"), "w") as f:
             json.dump({"shift": results["latent_mean"], "scale": 1.0 / results["latent_std"],
                        "step": step}, f)
@@ -223,6 +255,7 @@ def _eval_and_log(config, workdir, evaluate, state, heldout, writer, step, start
     variables = {"params": state.params, **state.vq}
     results, recon = evaluate_heldout(config, evaluate, variables, heldout)
     results["wall_s"] = time.time() - start
+    results["step"] = step
     writer.write(step, results)
     print(f"eval step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()),
           file=sys.stderr, flush=True)
@@ -242,11 +275,7 @@ def load_frozen(workdir: str, step: int | None = None):
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
-    boxed = jax.eval_shape(lambda: _create(config, *parts, jax.random.key(0)))
-    shardings = sharding.logical_shardings(boxed, mesh, config.sharding_rules)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            nn.unbox(boxed), shardings)
-    state, _ = checkpoint.restore(manager, step, abstract)
+    state, _ = checkpoint.restore(manager, step, abstract_state(config, parts, mesh))
     manager.close()
     stats_path = os.path.join(workdir, "latent_stats.json")
     stats = json.load(open(stats_path)) if os.path.exists(stats_path) else None
