@@ -26,6 +26,8 @@ setup(
     entry_points={"console_scripts": [
         "transfusion-train=transfusion_jax.train:main",
         "transfusion-generate=transfusion_jax.generate:main",
+        "transfusion-train-autoencoder=transfusion_jax.train_autoencoder:main",
+        "transfusion-precompute=transfusion_jax.precompute:main",
     ]},
     extras_require={
         # Test-only PyTorch references for the parity tests (LPIPS, SD VAE import); the library

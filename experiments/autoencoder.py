@@ -2,8 +2,9 @@
 
     --config experiments/autoencoder.py:SIZE[,kind=vae|vq|identity]
 
-SIZE: tiny (tests), small (the 64x64 shapes world on CPU: the demo's autoencoder) or paper
-(about 86M parameters, 256x256 -> 32x32x8; Stable Diffusion's layout with 8 latent channels).
+SIZE: tiny (tests), demo (the 48x48 shapes world on a CPU, 4x downsampling to 12x12x8: the
+`make demo` autoencoder, about 5 minutes on 2 cores) or paper (about 86M parameters,
+256x256 -> 32x32x8; Stable Diffusion's layout with 8 latent channels).
 The VAE (Transfusion) and the VQ-VAE (Chameleon) differ only in `kind`: same data, encoder,
 decoder and loss weights, KL swapped for the codebook loss.
 """
@@ -15,10 +16,22 @@ from transfusion_jax.sharding import DEFAULT_RULES
 # channels: width per level (len - 1 stride-2 levels: 8x downsampling for four levels).
 SIZES = {
     "tiny": dict(channels=(8, 16), num_res_blocks=1, image_size=16, batch_size=8, codebook=64),
-    "small": dict(channels=(32, 64, 64, 128), num_res_blocks=1, image_size=64, batch_size=16,
-                  codebook=16384),
+    # 4x, not the paper's 8x: at 48x48 an 8x VAE has 6x6 latents for a 3x3 grid of objects,
+    # and a CPU cannot train it to a parseable reconstruction in minutes.
+    "demo": dict(channels=(16, 32, 64), num_res_blocks=1, image_size=48, batch_size=8,
+                 codebook=1024),
     "paper": dict(channels=(128, 256, 512, 512), num_res_blocks=2, image_size=256,
                   batch_size=256, codebook=16384),
+}
+
+# Steps. lr decays (cosine) to lr/10 at total_steps, so the demo sets steps, not a time limit.
+SCHEDULES = {
+    "tiny": dict(total_steps=4, warmup_steps=1, log_every=1, eval_every=2, checkpoint_every=2,
+                 gan_start_step=2),
+    "demo": dict(total_steps=2000, warmup_steps=100, log_every=100, eval_every=2000,
+                 checkpoint_every=500, gan_start_step=2000),
+    "paper": dict(total_steps=1_000_000, warmup_steps=5000, log_every=100, eval_every=10_000,
+                  checkpoint_every=10_000, gan_start_step=50_000),
 }
 
 
@@ -31,7 +44,7 @@ def model_config(size: str, kind: str) -> ml_collections.ConfigDict:
         mid_attention=True, latent_channels=8,  # paper: latent dimension 8
         norm_groups=32, norm_eps=1e-6,
         codebook_size=s["codebook"],  # paper: 16,384 codes
-        vq_beta=0.25, vq_decay=0.99, vq_restart_after=100 if size != "tiny" else 2,
+        vq_beta=0.25, vq_decay=0.99, vq_restart_after={"tiny": 2, "demo": 20, "paper": 100}[size],
         dtype="float32" if size != "paper" else "bfloat16",
     ))
 
@@ -43,14 +56,15 @@ def loss_config(size: str) -> ml_collections.ConfigDict:
         # The MoCo-v2 "ID" perceptual loss (weight 0.2 in the paper) needs weights nobody ships
         # under a usable licence here; it is not implemented (weight kept for the record).
         identity=0.0,
-        gan_start_step={"paper": 50_000, "small": 2_000, "tiny": 2}[size],  # paper: 50k
+        # Paper: 50k of 1M steps. The demo's few minutes end before its GAN phase would start.
+        gan_start_step=SCHEDULES[size]["gan_start_step"],
         lpips_vgg="", lpips_lin="",  # paths to the VGG16 and LPIPS linear-layer weight files
         disc_channels=64 if size != "tiny" else 8, disc_layers=3 if size != "tiny" else 1,
     ))
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, size="small", kind="vae")
+    arg = parse_arg(arg, size="demo", kind="vae")
     if arg.kind not in ("vae", "vq", "identity"):
         raise ValueError(f"config arg kind={arg.kind!r}; expected vae, vq or identity")
     s = SIZES.get(arg.size, {})
@@ -63,13 +77,11 @@ def get_config(arg=None):
     # Adam with taming-transformers' betas for both generator and discriminator.
     lr = 1e-4 if arg.size == "paper" else 1e-3
     config.optimizer = dict(lr=lr, final_lr=lr / 10, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
-                            warmup_steps={"paper": 5000, "small": 100, "tiny": 1}[arg.size],
+                            warmup_steps=SCHEDULES[arg.size]["warmup_steps"],
                             grad_clip=1.0)
-    config.total_steps = {"paper": 1_000_000, "small": 20_000, "tiny": 4}[arg.size]
+    for field in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+        config[field] = SCHEDULES[arg.size][field]
     config.time_limit_s = 0  # > 0: stop (evaluate, checkpoint) after this much wall time
-    config.log_every = {"paper": 100, "small": 50, "tiny": 1}[arg.size]
-    config.eval_every = {"paper": 10_000, "small": 500, "tiny": 2}[arg.size]
-    config.checkpoint_every = {"paper": 10_000, "small": 2_000, "tiny": 2}[arg.size]
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
     return config

@@ -2,9 +2,10 @@
 
     --config experiments/transfusion.py:SIZE[,patch=linear|unet][,patch_size=K][,mesh=M]
 
-SIZE is tiny (tests), demo (`make demo`: the shapes world on a CPU) or one of Table 2:
-0.16b, 0.37b, 0.76b, 1.4b, 7b. patch_size 0 means the size's default: 2 (the paper's) for
-Table 2 sizes, 4 for tiny and demo, which see pixels through the identity autoencoder.
+SIZE is tiny (tests: pixels through the identity autoencoder), demo (`make demo`: the shapes
+world on a CPU, in the latents of the demo VAE, experiments/autoencoder.py:demo) or one of
+Table 2: 0.16b, 0.37b, 0.76b, 1.4b, 7b (latents of the paper's VAE). patch_size 0 means the
+size's default: 2 (the paper's) on latents, 4 for tiny's pixels.
 mesh is a preset of transfusion_jax.sharding.MESH_PRESETS: dp (default), fsdp, fsdp_tensor.
 """
 import ml_collections
@@ -26,31 +27,38 @@ SIZES = {
 }
 
 
+CLIP_DEMO = 4.0
+
+
 def llama_mlp_dim(dim: int, multiple_of: int = 256) -> int:
     """Llama's SwiGLU width: 2/3 of 4*dim, rounded up to a multiple of 256 (11008 at 4096)."""
     hidden = int(2 * 4 * dim / 3)
     return multiple_of * -(-hidden // multiple_of)
 
 
-# Small sizes train on pixels of the shapes world: (image size, default patch size).
-# Patches must stay narrower than the model (linear: k*k*C <= dim), so demo uses 32x32 and k=4.
-PIXEL_SIZES = {"tiny": (16, 4), "demo": (32, 4)}
+# Small sizes train on the shapes world: (latent size, channels, default patch size) of the
+# transformer's images. tiny: 16x16 pixels in 4x4 patches; demo: the demo VAE's 12x12x8 latents
+# of 48x48 images in 2x2 patches (36 per image). Linear patches must stay narrower than the
+# model (k*k*C <= dim).
+SMALL = {"tiny": (16, 3, 4), "demo": (12, 8, 2)}
+# The frozen autoencoder: identity (pixels) or a trained VAE's workdir; downsampling factor.
+AUTOENCODERS = {"tiny": ("identity", 1, ""), "demo": ("vae", 4, "workdir/demo/autoencoder")}
 
 
 def model_config(size: str, patch: str, patch_size: int) -> ml_collections.ConfigDict:
     if size not in SIZES:
         raise ValueError(f"config arg size={size!r}; expected one of {list(SIZES)}")
     depth, dim, heads = SIZES[size]
-    small = size in PIXEL_SIZES
+    small = size in SMALL
     # Paper sizes: latents of the frozen VAE, 256x256 pixels -> 32x32x8 (paper 4.1).
-    latent_size, default_patch = PIXEL_SIZES.get(size, (32, 2))
+    latent_size, latent_channels, default_patch = SMALL.get(size, (32, 8, 2))
     return ml_collections.ConfigDict(dict(
         vocab_size=512 if small else 32000,  # paper: the Llama 2 tokenizer
         dim=dim, depth=depth, heads=heads,
         mlp_dim=4 * dim if small else llama_mlp_dim(dim),
         rope_theta=10000.0, norm_eps=1e-5, qk_norm=False,
         attention="dense" if small else "blockwise", attention_block=512,
-        latent_size=latent_size, latent_channels=3 if small else 8,
+        latent_size=latent_size, latent_channels=latent_channels,
         patch=patch, patch_size=patch_size or default_patch,
         unet=UNET_PRESETS["tiny" if small else "paper"],  # ~0.27B at 32x32x8, k=2 (paper 4.1)
         dtype="float32" if small else "bfloat16", remat=not small,
@@ -63,7 +71,7 @@ def data_config(size: str) -> ml_collections.ConfigDict:
                                tokenizer_vocab_size=512, tokenizer_train_documents=2000,
                                shapes_num_documents=2000)
     if size == "demo":
-        return get_data_config(seq_len=256, batch_size=8, image_size=32, max_images=3,
+        return get_data_config(seq_len=256, batch_size=8, image_size=48, max_images=3,
                                tokenizer_vocab_size=512)
     # Paper: rows of 4096, 2M elements per batch; the Llama 2 tokenizer (set tokenizer_model).
     return get_data_config(seq_len=4096, batch_size=512, image_size=256)
@@ -73,18 +81,19 @@ def get_config(arg=None):
     arg = parse_arg(arg, size="tiny", patch="linear", patch_size=0, mesh="dp")
     if arg.mesh not in MESH_PRESETS:
         raise ValueError(f"config arg mesh={arg.mesh!r}; expected one of {list(MESH_PRESETS)}")
-    small = arg.size in PIXEL_SIZES
+    small = arg.size in SMALL
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = model_config(arg.size, arg.patch, arg.patch_size)
     config.data = data_config(arg.size)
-    # The frozen autoencoder between pixels and latents; identity until one is trained.
-    config.autoencoder = dict(kind="identity" if small else "vae", downsample=1 if small else 8,
-                              checkpoint="")
-    # clip_x0: samplers clip predicted x0 to [-1, 1] for pixel models (bounded data); off for
-    # latents, whose range the autoencoder sets.
+    # The frozen autoencoder between pixels and latents (transfusion_jax/latents.py); Table 2
+    # sizes name their VAE's workdir with --config.autoencoder.checkpoint.
+    kind, downsample, ae_dir = AUTOENCODERS.get(arg.size, ("vae", 8, ""))
+    config.autoencoder = dict(kind=kind, downsample=downsample, checkpoint=ae_dir)
+    # clip_x0: samplers clip predicted x0 to [-clip, clip]: 1 for pixels (bounded data); for
+    # the demo's normalised latents a bound above their measured range; off (0) at paper scale.
     config.diffusion = dict(schedule="cosine", timesteps=1000, ddpm_weight=5.0,
-                            clip_x0=1.0 if small else 0.0)
+                            clip_x0={"tiny": 1.0, "demo": CLIP_DEMO}.get(arg.size, 0.0))
     config.optimizer = dict(lr=1e-3 if small else 3e-4,
                             warmup_steps={"tiny": 10, "demo": 100}.get(arg.size, 4000),
                             final_lr=1e-4 if small else 1.5e-5, b1=0.9, b2=0.95, eps=1e-8,
