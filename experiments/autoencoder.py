@@ -18,7 +18,8 @@ SIZES = {
     "tiny": dict(channels=(8, 16), num_res_blocks=1, image_size=16, batch_size=8, codebook=64),
     # 4x, not the paper's 8x: at 48x48 an 8x VAE has 6x6 latents for a 3x3 grid of objects,
     # and a CPU cannot train it to a parseable reconstruction in minutes.
-    "demo": dict(channels=(16, 32, 64), num_res_blocks=1, image_size=48, batch_size=8,
+    # 32 channels at full resolution: with 16, small squares come back with round corners.
+    "demo": dict(channels=(32, 32, 64), num_res_blocks=1, image_size=48, batch_size=8,
                  codebook=1024),
     "paper": dict(channels=(128, 256, 512, 512), num_res_blocks=2, image_size=256,
                   batch_size=256, codebook=16384),
@@ -28,8 +29,8 @@ SIZES = {
 SCHEDULES = {
     "tiny": dict(total_steps=4, warmup_steps=1, log_every=1, eval_every=2, checkpoint_every=2,
                  gan_start_step=2),
-    "demo": dict(total_steps=2000, warmup_steps=100, log_every=100, eval_every=2000,
-                 checkpoint_every=500, gan_start_step=2000),
+    "demo": dict(total_steps=1300, warmup_steps=100, log_every=100, eval_every=1300,
+                 checkpoint_every=500, gan_start_step=1300),
     "paper": dict(total_steps=1_000_000, warmup_steps=5000, log_every=100, eval_every=10_000,
                   checkpoint_every=10_000, gan_start_step=50_000),
 }
