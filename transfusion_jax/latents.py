@@ -67,12 +67,16 @@ class Codec:
 IDENTITY = Codec("identity", None, variables={})
 
 
-def load(ae_cfg) -> Codec:
-    """The codec of config.autoencoder; a vae's weights come from its workdir, on device 0."""
+def check_kind(ae_cfg) -> None:
     if ae_cfg.kind not in KINDS:
         hint = (" (the VQ-VAE's ids are the Chameleon baseline's image tokens: precompute them "
                 "with transfusion_jax.precompute)" if ae_cfg.kind == "vq" else "")
         raise ValueError(f"autoencoder.kind={ae_cfg.kind!r}: expected one of {KINDS}{hint}")
+
+
+def load(ae_cfg) -> Codec:
+    """The codec of config.autoencoder; a vae's weights come from its workdir, on device 0."""
+    check_kind(ae_cfg)
     if ae_cfg.kind == "identity":
         return IDENTITY
     if not ae_cfg.checkpoint:

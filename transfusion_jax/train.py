@@ -23,6 +23,7 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -63,14 +64,10 @@ def check_config(config, num_devices: int):
         raise ValueError(f"model.dim={m.dim} must be divisible by model.heads={m.heads}")
     check_fits(d, patches_per_image(m))  # an image plus BOI and EOI must fit in a row
     ae = config.autoencoder
-    if ae.kind not in latents.KINDS:
-        latents.load(ae)  # raises, naming the field and the kinds the trainer takes
+    latents.check_kind(ae)  # the latent channels are checked against the loaded autoencoder
     if d.image_size != m.latent_size * ae.downsample:
         raise ValueError(f"data.image_size={d.image_size} must equal model.latent_size="
                          f"{m.latent_size} * autoencoder.downsample={ae.downsample}")
-    if ae.kind == "identity" and m.latent_channels != 3:
-        raise ValueError(f"model.latent_channels={m.latent_channels}: the identity autoencoder "
-                         "passes RGB pixels, expected 3")
     if not 0 <= config.ema_decay < 1:
         raise ValueError(f"ema_decay={config.ema_decay}: expected 0 (off) or in (0, 1)")
     if config.grad_accum < 1:
@@ -192,6 +189,8 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
     count of the run's first start. A resumed run reads it from the checkpoint."""
     os.makedirs(workdir, exist_ok=True)
     check_config(config, jax.device_count())
+    codec = latents.load(config.autoencoder)  # the frozen autoencoder (weights on one device)
+    latents.check(codec, config.model)
     checkpoint.write_config(workdir, config)
 
     # --- mesh
@@ -219,9 +218,10 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
                                       if precomputed else None))
 
     # --- the frozen autoencoder, replicated: every device encodes its own rows' images
-    codec = latents.load(config.autoencoder)
-    latents.check(codec, config.model)
-    ae_variables = jax.device_put(codec.variables, NamedSharding(mesh, PartitionSpec()))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    ae_variables = jax.tree.map(  # from host copies: works when the mesh spans processes
+        lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: np.asarray(x)[i]),
+        codec.variables)
 
     # --- model and state (restored when the workdir has a checkpoint)
     model, tx = train_state.model_and_optimizer(config)
