@@ -53,6 +53,8 @@ def model_config(size: str, kind: str) -> ml_collections.ConfigDict:
 
 def loss_config(size: str) -> ml_collections.ConfigDict:
     # Appendix A: L1 + LPIPS + 0.5 GAN + 0.2 ID + 1e-6 KL (VAE) or 1.0 codebook (VQ-VAE).
+    # As in Esser et al., 1e-6 weighs the KL against the L1 summed over an image's pixel values
+    # (autoencoder_losses.reconstruction_terms).
     return ml_collections.ConfigDict(dict(
         l1=1.0, lpips=1.0, gan=0.5, kl=1e-6, codebook=1.0,
         # The MoCo-v2 "ID" perceptual loss (weight 0.2 in the paper) needs weights nobody ships

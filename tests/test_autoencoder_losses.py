@@ -42,13 +42,28 @@ def test_weighted_total():
     fake = jnp.full((2, 3, 3, 1), -0.8)
     total_before, _ = L.generator_loss(loss_cfg(), terms, fake, jnp.int32(0))
     total_after, m = L.generator_loss(loss_cfg(), terms, fake, jnp.int32(10))
-    np.testing.assert_allclose(total_before, 0.25 + 1e-6 * 200, rtol=1e-6)
-    np.testing.assert_allclose(total_after, 0.25 + 1e-6 * 200 + 0.5 * 0.8, rtol=1e-6)
+    kl = 1e-6 * 200 / (4 * 4 * 3)  # the KL per pixel value
+    np.testing.assert_allclose(total_before, 0.25 + kl, rtol=1e-6)
+    np.testing.assert_allclose(total_after, 0.25 + kl + 0.5 * 0.8, rtol=1e-6)
     assert float(m["gan_g"]) == pytest.approx(0.8)
     vq_terms = L.reconstruction_terms(x, recon, Encoding(latents=None,
                                                          aux={"codebook": jnp.array([0.1, 0.3])}))
     total, _ = L.generator_loss(loss_cfg(), vq_terms, None, jnp.int32(0))
     np.testing.assert_allclose(total, 0.25 + 0.2, rtol=1e-6)
+
+
+def test_vae_loss_keeps_latent_diffusions_balance():
+    """Latent diffusion's VAE loss (ldm/modules/losses/contperceptual.py, GAN off, LPIPS off,
+    logvar 0) sums |x - recon| over each image and adds 1e-6 x the summed KL, averaged over the
+    batch. Ours, times the pixel values per image, must be that same number."""
+    rng = np.random.default_rng(0)
+    x, recon = rng.normal(size=(2, 6, 5, 3)), rng.normal(size=(2, 6, 5, 3))
+    kl = np.array([37.0, 4.0])
+    ldm = np.abs(x - recon).reshape(2, -1).sum(-1).mean() + 1e-6 * kl.mean()
+    terms = L.reconstruction_terms(jnp.asarray(x), jnp.asarray(recon),
+                                   Encoding(latents=None, aux={"kl": jnp.asarray(kl)}))
+    total, _ = L.generator_loss(loss_cfg(lpips=0.0), terms, None, jnp.int32(0))
+    np.testing.assert_allclose(float(total) * 6 * 5 * 3, ldm, rtol=1e-5)
 
 
 def test_psnr():
