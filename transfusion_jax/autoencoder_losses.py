@@ -68,7 +68,7 @@ def reconstruction_terms(x, recon, enc, lpips_params=None) -> dict[str, Any]:
     kl_per_pixel (kl / pixel values per image) is what loss.kl weighs. Esser et al. and latent
     diffusion's VAE loss sum the L1 over an image's pixel values and add 1e-6 x its summed KL;
     with our mean L1, dividing the KL by the same count keeps their balance. Weighing the raw KL
-    instead makes it 1e-6 x H x W x 3 heavier (7e3 x at 48x48): noisy latents, blurred shapes.
+    instead makes it H x W x 3 times heavier (7e3 x at 48x48): noisy latents, blurred shapes.
     """
     terms = {"l1": jnp.mean(jnp.abs(x - recon))}
     terms["lpips"] = (jnp.mean(lpips_lib.lpips(lpips_params, x, recon))
