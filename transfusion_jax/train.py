@@ -23,7 +23,6 @@ from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -220,8 +219,8 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
     # --- the frozen autoencoder, replicated: every device encodes its own rows' images
     replicated = NamedSharding(mesh, PartitionSpec())
     ae_variables = jax.tree.map(  # from host copies: works when the mesh spans processes
-        lambda x: jax.make_array_from_callback(x.shape, replicated, lambda i: np.asarray(x)[i]),
-        codec.variables)
+        lambda h: jax.make_array_from_callback(h.shape, replicated, lambda i: h[i]),
+        jax.device_get(codec.variables))  # one copy to the host, not one per local device
 
     # --- model and state (restored when the workdir has a checkpoint)
     model, tx = train_state.model_and_optimizer(config)
