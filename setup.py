@@ -28,6 +28,7 @@ setup(
         "transfusion-generate=transfusion_jax.generate:main",
         "transfusion-train-autoencoder=transfusion_jax.train_autoencoder:main",
         "transfusion-precompute=transfusion_jax.precompute:main",
+        "transfusion-evaluate=transfusion_jax.evaluate:main",
     ]},
     extras_require={
         # Test-only PyTorch references for the parity tests (LPIPS, SD VAE import); the library

@@ -22,10 +22,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from transfusion_jax import sharding, train, train_state  # noqa: E402
-from transfusion_jax.config import load_config  # noqa: E402
+from transfusion_jax.core import sharding, train_state  # noqa: E402
+from transfusion_jax.trainers import transfusion as trainer  # noqa: E402
+from transfusion_jax.models import example_inputs  # noqa: E402
+from transfusion_jax.core.config import load_config  # noqa: E402
 from transfusion_jax.data.config import resolve_max_images  # noqa: E402
-from transfusion_jax.model import patches_per_image  # noqa: E402
+from transfusion_jax.models import patches_per_image  # noqa: E402
 
 GIB = 2**30
 
@@ -96,14 +98,15 @@ def main():
     config.data.batch_size = args.rows_per_device * shape["data"] * shape["fsdp"]
     mesh = sharding.make_mesh(shape, devs)
     max_images = resolve_max_images(config.data, patches_per_image(config.model))
-    model, tx = train_state.model_and_optimizer(config)
-    inputs = train_state.example_inputs(config.model, config.data.seq_len, max_images)
-    state = train_state.abstract_state(config, model, tx, inputs, mesh)
+    model, tx = trainer.model_and_optimizer(config)
+    inputs = example_inputs(config.model, config.data.seq_len, max_images)
+    state = train_state.abstract_state(trainer.make_init_fn(config, model, tx, inputs), mesh,
+                                       config.sharding_rules)
     params = sum(x.size for x in jax.tree.leaves(state.params))
     batch_sharding = sharding.batch_sharding(mesh)
     batch = abstract_batch(config, max_images, batch_sharding)
     shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(train.make_train_step(config, model, tx), donate_argnums=0,
+    step = jax.jit(trainer.make_train_step(config, model, tx), donate_argnums=0,
                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config.sharding_rules)):

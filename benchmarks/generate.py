@@ -16,10 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from transfusion_jax import diffusion, generate as gen
-from transfusion_jax.config import load_config
-from transfusion_jax.model import Transfusion, patches_per_image
-from transfusion_jax.model.kv_cache import init_cache
+from transfusion_jax import diffusion
+from transfusion_jax.inference import generation as gen
+from transfusion_jax.core.config import load_config
+from transfusion_jax.models import Transfusion, patches_per_image
+from transfusion_jax.models.kv_cache import init_cache
 
 SAMPLERS = (("ddpm", 250), ("ddim", 50), ("dpm++2m", 20))
 

@@ -20,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transfusion_jax import flops, sharding, train, train_state
-from transfusion_jax.config import load_config, load_module
+from transfusion_jax.core import flops, sharding, train_state
+from transfusion_jax.trainers import transfusion as trainer  # noqa: E402
+from transfusion_jax.models import example_inputs  # noqa: E402
+from transfusion_jax.core.config import load_config, load_module
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "transfusion.py")
 
@@ -88,11 +90,12 @@ def main():
     a = parse_args()
     config = make_config(a)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    model, tx = train_state.model_and_optimizer(config)
-    inputs = train_state.example_inputs(config.model, a.text + a.patches, 1)
-    state = train_state.init_state(config, model, tx, inputs, mesh, seed=0)
+    model, tx = trainer.model_and_optimizer(config)
+    inputs = example_inputs(config.model, a.text + a.patches, 1)
+    state = train_state.create_state(trainer.make_init_fn(config, model, tx, inputs), mesh,
+                                     config.sharding_rules, seed=0)
     batch = jax.device_put(make_batch(a, config), jax.devices()[0])
-    step = jax.jit(train.make_train_step(config, model, tx), donate_argnums=0)
+    step = jax.jit(trainer.make_train_step(config, model, tx), donate_argnums=0)
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()

@@ -10,8 +10,8 @@ decoder and loss weights, KL swapped for the codebook loss.
 """
 import ml_collections
 
-from transfusion_jax.config import parse_arg
-from transfusion_jax.sharding import DEFAULT_RULES
+from transfusion_jax.core.config import parse_arg
+from transfusion_jax.core.sharding import DEFAULT_RULES
 
 # channels: width per level (len - 1 stride-2 levels: 8x downsampling for four levels).
 SIZES = {
@@ -58,7 +58,7 @@ def model_config(size: str, kind: str) -> ml_collections.ConfigDict:
 def loss_config(size: str) -> ml_collections.ConfigDict:
     # Appendix A: L1 + LPIPS + 0.5 GAN + 0.2 ID + 1e-6 KL (VAE) or 1.0 codebook (VQ-VAE).
     # As in Esser et al., 1e-6 weighs the KL against the L1 summed over an image's pixel values
-    # (autoencoder_losses.reconstruction_terms).
+    # (models/autoencoder/losses.py: reconstruction_terms).
     return ml_collections.ConfigDict(dict(
         l1=1.0, lpips=1.0, gan=0.5, kl=1e-6, codebook=1.0,
         # The MoCo-v2 "ID" perceptual loss (weight 0.2 in the paper) needs weights nobody ships
@@ -87,8 +87,12 @@ def get_config(arg=None):
     config.optimizer = dict(lr=lr, final_lr=lr / 10, b1=0.5, b2=0.9, eps=1e-8, weight_decay=0.0,
                             warmup_steps=SCHEDULES[arg.size]["warmup_steps"],
                             grad_clip=1.0)
-    for field in ("total_steps", "log_every", "eval_every", "checkpoint_every"):
+    for field in ("total_steps", "log_every", "checkpoint_every"):
         config[field] = SCHEDULES[arg.size][field]
+    # Evaluators (transfusion_jax/evaluators/common.py), at every multiple of `every` and at the
+    # end. "heldout" (reconstruction of the held-out images) also gives the VAE's latent_stats.
+    config.evals = dict(heldout=dict(type="reconstruction",
+                                     every=SCHEDULES[arg.size]["eval_every"]))
     config.time_limit_s = 0  # > 0: stop (evaluate, checkpoint) after this much wall time
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]

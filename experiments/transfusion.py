@@ -6,14 +6,14 @@ SIZE is tiny (tests: pixels through the identity autoencoder), demo (`make demo`
 world on a CPU, in the latents of the demo VAE, experiments/autoencoder.py:demo) or one of
 Table 2: 0.16b, 0.37b, 0.76b, 1.4b, 7b (latents of the paper's VAE). patch_size 0 means the
 size's default: 2 (the paper's) on latents, 4 for tiny's pixels.
-mesh is a preset of transfusion_jax.sharding.MESH_PRESETS: dp (default), fsdp, fsdp_tensor.
+mesh is a preset of transfusion_jax.core.sharding.MESH_PRESETS: dp (default), fsdp, fsdp_tensor.
 """
 import ml_collections
 
-from transfusion_jax.config import parse_arg
+from transfusion_jax.core.config import parse_arg
 from transfusion_jax.data.config import get_data_config
-from transfusion_jax.model.unet import UNET_PRESETS
-from transfusion_jax.sharding import DEFAULT_RULES, MESH_PRESETS
+from transfusion_jax.models.unet import UNET_PRESETS
+from transfusion_jax.core.sharding import DEFAULT_RULES, MESH_PRESETS
 
 # Table 2: (layers, embedding dim, attention heads).
 SIZES = {
@@ -87,7 +87,7 @@ def get_config(arg=None):
     config.seed = 0
     config.model = model_config(arg.size, arg.patch, arg.patch_size)
     config.data = data_config(arg.size)
-    # The frozen autoencoder between pixels and latents (transfusion_jax/latents.py); Table 2
+    # The frozen autoencoder between pixels and latents (models/autoencoder/codec.py, loader.py); Table 2
     # sizes name their VAE's workdir with --config.autoencoder.checkpoint.
     kind, downsample, ae_dir = AUTOENCODERS.get(arg.size, ("vae", 8, ""))
     config.autoencoder = dict(kind=kind, downsample=downsample, checkpoint=ae_dir)
@@ -108,8 +108,14 @@ def get_config(arg=None):
     config.log_every = 10 if small else 100
     config.checkpoint_every = 500 if small else 2000
     config.keep_checkpoints = 3
-    # Sample grids for fixed prompts every N steps (0: off) into workdir/samples/<step>/;
-    # no prompts given: the first held-out shapes captions when training on the shapes world.
-    config.sample_every = 500 if arg.size == "demo" else 0
-    config.sample_prompts = []
+    # Evaluators (transfusion_jax/evaluators/common.py): {name: {type, every, options}}, run at
+    # every multiple of `every` and at the last step (0: only by python -m
+    # transfusion_jax.evaluate); files in workdir/evals/<step>/<name>/. The demo draws sample
+    # grids of held-out captions, and scores held-out scenes both ways at its last step.
+    config.evals = {}
+    if arg.size == "demo":
+        config.evals = dict(samples=dict(type="sample_grid", every=500, num=4),
+                            shapes=dict(type="shapes", every=config.total_steps, num=16))
+    elif arg.size == "tiny":  # on request only (tests): a quick shapes score
+        config.evals = dict(shapes=dict(type="shapes", every=0, num=2, steps=4))
     return config

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfusion_jax.model import attention
+from transfusion_jax.models import attention
 from rows import brute_force_mask, build_rows, random_docs
 
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfusion_jax.config import load_config
-from transfusion_jax.model.autoencoder import Autoencoder, latent_shape
-from transfusion_jax.sharding import DEFAULT_RULES
+from transfusion_jax.core.config import load_config
+from transfusion_jax.models.autoencoder.model import Autoencoder, latent_shape
+from transfusion_jax.core.sharding import DEFAULT_RULES
 
 N, S = 3, 16
 

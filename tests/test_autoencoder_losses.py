@@ -7,9 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from transfusion_jax import autoencoder_losses as L
-from transfusion_jax.model.autoencoder import Encoding
-from transfusion_jax.sharding import DEFAULT_RULES
+from transfusion_jax.models.autoencoder import losses as L
+from transfusion_jax.models.autoencoder.model import Encoding
+from transfusion_jax.core.sharding import DEFAULT_RULES
 
 
 def loss_cfg(**kw):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from test_data_contract import check_batch
-from transfusion_jax.data import shapes_text
+from transfusion_jax.data.shapes import text as shapes_text
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.data.pipeline import make_pipeline
 from transfusion_jax.data.tokenizer import train_tokenizer

@@ -1,8 +1,8 @@
 """The shapes world: scenes, rendering, captions, documents and the two parsers."""
 import numpy as np
 
-from transfusion_jax.data import shapes, shapes_text
-from transfusion_jax.data.shapes import POSITIONS, parse_image, render_scene, sample_scene, scene_rng
+from transfusion_jax.data.shapes import world as shapes, text as shapes_text
+from transfusion_jax.data.shapes.world import POSITIONS, parse_image, render_scene, sample_scene, scene_rng
 
 
 def _scene(split, i):

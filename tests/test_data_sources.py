@@ -5,12 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfusion_jax.data import counters, shapes_text
+from transfusion_jax.data import counters
+from transfusion_jax.data.shapes import text as shapes_text
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.data.documents import DocumentBuilder, load_image
-from transfusion_jax.data.sources import (
-    CocoKarpathySource, ImageFilesSource, TextFilesSource, TfdsTextSource, build_sources, sample_texts,
-)
+from transfusion_jax.data.sources import CocoKarpathySource, ImageFilesSource, TextFilesSource, TfdsTextSource, build_sources, sample_texts
 from transfusion_jax.data.tokenizer import train_tokenizer
 
 P, S = 4, 16

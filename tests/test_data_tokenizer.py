@@ -5,7 +5,7 @@ import pickle
 import pytest
 import sentencepiece as spm
 
-from transfusion_jax.data import shapes_text
+from transfusion_jax.data.shapes import text as shapes_text
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.data.tokenizer import get_tokenizer, load_tokenizer, train_tokenizer
 

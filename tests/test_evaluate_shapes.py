@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from transfusion_jax import evaluate_shapes as ev
-from transfusion_jax.data import shapes, shapes_text
+from transfusion_jax.evaluators import shapes_scores as ev
+from transfusion_jax.data.shapes import world as shapes, text as shapes_text
 
 N = 40
 

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
-from transfusion_jax import diffusion, generate as gen
-from transfusion_jax.config import load_config
-from transfusion_jax.model import Transfusion, patches_per_image
-from transfusion_jax.model.kv_cache import init_cache
+from transfusion_jax import diffusion
+from transfusion_jax.inference import generation as gen
+from transfusion_jax.core.config import load_config
+from transfusion_jax.models import Transfusion, patches_per_image
+from transfusion_jax.models.kv_cache import init_cache
 from rows import BOI, EOI, build_rows
 
 TOL = 1e-5

@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from transfusion_jax import lpips as jlpips
-from transfusion_jax.data.shapes import render_scene, sample_scene, scene_rng
+from transfusion_jax.models.autoencoder import lpips as jlpips
+from transfusion_jax.data.shapes.world import render_scene, sample_scene, scene_rng
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("scipy")

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import flax.linen as nn
 
-from transfusion_jax import losses, sharding
-from transfusion_jax.config import load_config
-from transfusion_jax.model import Transfusion, patches_per_image
-from transfusion_jax.model.patching import patchify
+from transfusion_jax import objectives as losses
+from transfusion_jax.core import sharding
+from transfusion_jax.core.config import load_config
+from transfusion_jax.models import Transfusion, patches_per_image
+from transfusion_jax.models.patching import patchify
 from rows import brute_force_mask, build_rows
 
 ROWS = [[[3, "image", 2], [2, "image", "image", 1]],
@@ -192,7 +193,7 @@ def test_elements_per_256px_image(k, elements, patch):
     cfg = load_config(f"experiments/transfusion.py:tiny,patch={patch},patch_size={k}").model
     cfg.update(latent_size=32, latent_channels=8)  # a 256x256 image through the 8x VAE
     assert patches_per_image(cfg) == elements
-    from transfusion_jax.model.patching import patch_layers
+    from transfusion_jax.models.patching import patch_layers
     encoder, _ = patch_layers(cfg)
     x = jnp.zeros((2, 32, 32, 8))
     t = jnp.zeros((2,), jnp.int32)

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from transfusion_jax import distributed
-from transfusion_jax.config import load_config
+from transfusion_jax.core import distributed
+from transfusion_jax.core.config import load_config
 from transfusion_jax.data.tokenizer import get_tokenizer
-from transfusion_jax.host_data import HostData, stream_rows
-from transfusion_jax.model import patches_per_image
+from transfusion_jax.data.host_data import HostData, stream_rows
+from transfusion_jax.models import patches_per_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "experiments/transfusion.py:tiny"

@@ -4,9 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from transfusion_jax import diffusion, losses, optim
-from transfusion_jax.config import load_config
-from transfusion_jax.model import Transfusion, patches_per_image
+from transfusion_jax import diffusion, objectives as losses
+from transfusion_jax.core import optim
+from transfusion_jax.core.config import load_config
+from transfusion_jax.models import Transfusion, patches_per_image
 from rows import BOI, build_rows
 
 

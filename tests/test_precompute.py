@@ -21,16 +21,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfusion_jax import checkpoint, latents, precompute, train, train_autoencoder
-from transfusion_jax.config import load_config
-from transfusion_jax.data import counters, shapes_text
-from transfusion_jax.data import latent_records as R
+from transfusion_jax.core import checkpoint
+from transfusion_jax.models.autoencoder import loader
+from transfusion_jax import precompute
+from transfusion_jax.trainers import autoencoder as train_autoencoder
+from transfusion_jax.trainers import transfusion as trainer
+from transfusion_jax.core.config import load_config
+from transfusion_jax.data import counters
+from transfusion_jax.data.shapes import text as shapes_text
+from transfusion_jax.data import latent_records
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.data.documents import DocumentBuilder, load_image
 from transfusion_jax.data.pipeline import make_pipeline
 from transfusion_jax.data.sources import build_image_source
 from transfusion_jax.data.tokenizer import train_tokenizer
-from transfusion_jax.model.autoencoder import Autoencoder
+from transfusion_jax.models.autoencoder.model import Autoencoder
 
 NUM_DOCS = 48
 S, P = 16, 16  # tiny preset images; (16 / 2 / 2)^2 patches of 2x2 latents
@@ -42,7 +47,7 @@ TINY = "experiments/transfusion.py:tiny"
 def vae_dir(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("vae"))
     config = load_config("experiments/autoencoder.py:tiny,kind=vae")
-    config.total_steps = config.eval_every = 2
+    config.total_steps = config.evals.heldout.every = 2
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # no LPIPS weights here: the loss says so
         train_autoencoder.train(config, workdir)
@@ -51,7 +56,7 @@ def vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def codec(vae_dir):
-    return latents.load(ml_collections.ConfigDict(dict(kind="vae", checkpoint=vae_dir,
+    return loader.load_codec(ml_collections.ConfigDict(dict(kind="vae", checkpoint=vae_dir,
                                                        downsample=2)))
 
 
@@ -84,19 +89,19 @@ def tiny_data(**kw):
 
 
 def strip_images(record):
-    return R.map_images(record, lambda value: None)
+    return latent_records.map_images(record, lambda value: None)
 
 
 def source_images(record) -> list:
     found = []
-    R.map_images(record, lambda value: found.append(value))
+    latent_records.map_images(record, lambda value: found.append(value))
     return found
 
 
 # ---------------------------------------------------------------- precompute: what it writes
 
 def test_vae_round_trip(latents_dir, vae_dir, codec):
-    manifest = R.read_manifest(latents_dir)
+    manifest = latent_records.read_manifest(latents_dir)
     assert manifest["kind"] == "vae" and manifest["dtype"] == "float32"
     assert tuple(manifest["latent_shape"]) == LATENT
     assert manifest["num_records"] == NUM_DOCS and manifest["num_failed_images"] == 0
@@ -106,7 +111,7 @@ def test_vae_round_trip(latents_dir, vae_dir, codec):
     assert manifest["autoencoder"]["workdir"] == os.path.abspath(vae_dir)
     assert manifest["data"]["image_source"] == "shapes" and manifest["data"]["image_size"] == S
 
-    stored, pixels_source = R.LatentsSource(latents_dir), build_image_source(tiny_data())
+    stored, pixels_source = latent_records.LatentsSource(latents_dir), build_image_source(tiny_data())
     assert len(stored) == len(pixels_source) == NUM_DOCS
     pixels, got = [], []
     for i in range(NUM_DOCS):
@@ -137,8 +142,8 @@ def vq_dir(tmp_path, monkeypatch):
     workdir = str(tmp_path / "vq")
     os.makedirs(workdir)
     checkpoint.write_config(workdir, config)
-    real = train_autoencoder.load_frozen
-    monkeypatch.setattr(train_autoencoder, "load_frozen", lambda d, step=None: (
+    real = loader.load_frozen
+    monkeypatch.setattr(loader, "load_frozen", lambda d, step=None: (
         (config, variables, None) if d == workdir else real(d, step)))
     return workdir
 
@@ -151,8 +156,8 @@ def test_vq_ids_round_trip_and_overwrite(vq_dir, tmp_path):
     assert manifest["autoencoder"]["step"] is None  # no checkpoint: the fixture's weights
     assert tuple(manifest["latent_shape"]) == (8, 8) and manifest["autoencoder"]["latent_stats"] is None
 
-    ae_config, variables, _ = train_autoencoder.load_frozen(vq_dir)
-    source, stored = build_image_source(config.data), R.LatentsSource(out)
+    ae_config, variables, _ = loader.load_frozen(vq_dir)
+    source, stored = build_image_source(config.data), latent_records.LatentsSource(out)
     pixels = np.stack([load_image(im, S) for i in range(8) for im in source_images(source[i])])
     ids = jax.jit(lambda v, x: Autoencoder(ae_config.model).apply(
         v, x, method=Autoencoder.encode).ids)(variables, pixels)
@@ -164,7 +169,7 @@ def test_vq_ids_round_trip_and_overwrite(vq_dir, tmp_path):
     with pytest.raises(ValueError, match="--out = .*not empty"):
         precompute.precompute(config, out, autoencoder=vq_dir)
     manifest = precompute.precompute(config, out, autoencoder=vq_dir, shards=2, overwrite=True)
-    assert sorted(os.listdir(out)) == [R.shard_name(0, 2), R.shard_name(1, 2), R.MANIFEST]
+    assert sorted(os.listdir(out)) == [latent_records.shard_name(0, 2), latent_records.shard_name(1, 2), latent_records.MANIFEST]
     # The Transfusion pipeline reads VAE latents; VQ ids are the Chameleon baseline's.
     with pytest.raises(ValueError, match=r"data\.latents_dir = .*'vq' code ids"):
         make_pipeline(get_data_config(image_source="latents", latents_dir=out, image_size=S),
@@ -186,7 +191,7 @@ def test_images_that_fail_to_load_are_skipped_for_the_same_reason(tmp_path, vae_
     manifest = precompute.precompute(ml_collections.ConfigDict({"data": data}), out,
                                      autoencoder=vae_dir, batch_size=2)
     assert (manifest["num_images"], manifest["num_failed_images"]) == (2, 3)
-    assert R.LatentsSource(out)[1] == {"image": {"error": "corrupt_image"}, "caption": "a blue circle"}
+    assert latent_records.LatentsSource(out)[1] == {"image": {"error": "corrupt_image"}, "caption": "a blue circle"}
 
     args = dict(patches_per_image=P, image_size=S, caption_first_prob=0.8, p_uncond=0.1,
                 num_timesteps=1000)
@@ -194,11 +199,11 @@ def test_images_that_fail_to_load_are_skipped_for_the_same_reason(tmp_path, vae_
     latent_docs = DocumentBuilder(tok, **args, latent_shape=LATENT)
     for i in range(len(lines)):
         a = pixel_docs(build_image_source(data)[i], np.random.default_rng(i))
-        b = latent_docs(R.LatentsSource(out)[i], np.random.default_rng(i))
+        b = latent_docs(latent_records.LatentsSource(out)[i], np.random.default_rng(i))
         assert counters.as_dict(a["counts"]) == counters.as_dict(b["counts"]), i
         assert np.array_equal(a["tokens"], b["tokens"]) and b["images"].shape[1:] == LATENT
     reasons = [k for k, v in counters.as_dict(
-        sum(latent_docs(R.LatentsSource(out)[i], np.random.default_rng(i))["counts"]
+        sum(latent_docs(latent_records.LatentsSource(out)[i], np.random.default_rng(i))["counts"]
             for i in range(len(lines)))).items() if k.startswith("skipped_") and v]
     assert reasons == ["skipped_corrupt_image", "skipped_missing_image", "skipped_empty_caption"]
 
@@ -270,12 +275,12 @@ def test_latents_dir_errors_name_the_field(latents_dir, tmp_path, tok):
         pipeline(patches=9)
     torn = tmp_path / "torn"
     shutil.copytree(latents_dir, torn)
-    os.remove(torn / R.shard_name(1, 3))
+    os.remove(torn / latent_records.shard_name(1, 3))
     with pytest.raises(ValueError, match=r"data\.latents_dir = .*latents-00001-of-00003.* missing"):
         pipeline(latents_dir=str(torn))
-    R.check_autoencoder(latents_dir, R.read_manifest(latents_dir)["autoencoder"]["workdir"])
+    latent_records.check_autoencoder(latents_dir, latent_records.read_manifest(latents_dir)["autoencoder"]["workdir"])
     with pytest.raises(ValueError, match=r"autoencoder\.checkpoint = .*encoded by"):
-        R.check_autoencoder(latents_dir, str(tmp_path))
+        latent_records.check_autoencoder(latents_dir, str(tmp_path))
 
 
 # ---------------------------------------------------------------- the trainer
@@ -294,7 +299,7 @@ def test_precomputed_matches_on_the_fly(latents_dir, vae_dir, tmp_path):
         if name != "pixels":  # the same tokenizer: only the images' path differs
             workdir.mkdir()
             shutil.copy(tmp_path / "pixels" / "tokenizer.model", workdir / "tokenizer.model")
-        train.train(config, str(workdir))
+        trainer.train(config, str(workdir))
         with open(workdir / "metrics.jsonl") as f:
             return [json.loads(line) for line in f]
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transfusion_jax.import_sd_vae import load_sd_vae, params_from_diffusers
-from transfusion_jax.model.autoencoder import Autoencoder
-from transfusion_jax.weight_files import read_safetensors
+from transfusion_jax.models.autoencoder.sd_import import load_sd_vae, params_from_diffusers
+from transfusion_jax.models.autoencoder.model import Autoencoder
+from transfusion_jax.models.autoencoder.weight_files import read_safetensors
 
 torch = pytest.importorskip("torch")
 

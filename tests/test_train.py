@@ -11,10 +11,12 @@ import jax
 import numpy as np
 import pytest
 
-from transfusion_jax import checkpoint, sharding, train, train_state
-from transfusion_jax.config import load_config
-from transfusion_jax.metrics import TIMING_KEYS
-from transfusion_jax.model import patches_per_image
+from transfusion_jax.core import sharding, train_state
+from transfusion_jax.core.config import load_config
+from transfusion_jax.core.metrics import TIMING_KEYS
+from transfusion_jax.inference.loading import load_for_inference
+from transfusion_jax.models import example_inputs, patches_per_image
+from transfusion_jax.trainers import transfusion as trainer
 from rows import build_rows
 
 TINY = "experiments/transfusion.py:tiny"
@@ -34,12 +36,12 @@ def synthetic_batch(cfg, rows=8, length=128, slots=4):
 def run_steps(cfg, mesh_config, steps=3, devices=None):
     """(losses, params) after `steps` jitted steps on a mesh, as the trainer builds them."""
     mesh = sharding.make_mesh(mesh_config, devices)
-    model, tx = train_state.model_and_optimizer(cfg)
-    inputs = train_state.example_inputs(cfg.model, 128, 4)
-    state = train_state.init_state(cfg, model, tx, inputs, mesh, seed=0)
+    model, tx = trainer.model_and_optimizer(cfg)
+    init_fn = trainer.make_init_fn(cfg, model, tx, example_inputs(cfg.model, 128, 4))
+    state = train_state.create_state(init_fn, mesh, cfg.sharding_rules, seed=0)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     data = sharding.batch_sharding(mesh)
-    step = jax.jit(train.make_train_step(cfg, model, tx), in_shardings=(shardings, data),
+    step = jax.jit(trainer.make_train_step(cfg, model, tx), in_shardings=(shardings, data),
                    out_shardings=(shardings, None))
     batch = jax.device_put(synthetic_batch(cfg), data)
     losses = []
@@ -100,7 +102,7 @@ def test_impossible_configs_name_the_fields(override, message):
         else:
             cfg[key] = value
     with pytest.raises(ValueError, match=message.replace("*", r"\*").replace("(", r"\(")):
-        train.check_config(cfg, 8)
+        trainer.check_config(cfg, 8)
 
 
 # ---------------------------------------------------------------- the CLI, as users run it
@@ -124,10 +126,22 @@ def metrics_lines(workdir):
 def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
     """100 steps straight; then 50 + stop + resume 50: same metrics lines, bit-equal params."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    out = cli(straight, "--config.sample_every=50")
+    out = cli(straight, "--config.evals.shapes.every=50", "--config.keep_checkpoints=4")
     assert out.returncode == 0, out.stderr[-3000:]
-    for step in (50, 100):  # sample grids for the held-out captions
-        assert (straight / "samples" / str(step) / "text_to_image.png").exists()
+    for step in (50, 100):  # the tiny preset's shapes evaluator, at its interval
+        assert (straight / "evals" / str(step) / "shapes" / "report.md").exists()
+        scores = json.loads((straight / "evals" / f"{step}.json").read_text())
+        assert 0 <= scores["shapes/text_to_image/object"] <= 1, scores
+    # The evaluate entry point on the step-50 checkpoint gives the numbers training gave there.
+    during_training = json.loads((straight / "evals" / "50.json").read_text())
+    (straight / "evals" / "50.json").unlink()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    again = subprocess.run([sys.executable, "-m", "transfusion_jax.evaluate", "--workdir",
+                            str(straight), "--step", "50"], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((straight / "evals" / "50.json").read_text()) == during_training
+    assert json.loads(again.stdout) == during_training
     assert "checkpoints:" in out.stderr and "tensorboard" in out.stderr
     lines = metrics_lines(straight)
     assert [m["step"] for m in lines] == list(range(1, 101))
@@ -142,8 +156,8 @@ def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
     out = cli(resumed)
     assert out.returncode == 0 and "resumed from" in out.stderr, out.stderr[-3000:]
     assert metrics_lines(resumed) == lines
-    _, p_straight = checkpoint.load_for_inference(str(straight))
-    _, p_resumed = checkpoint.load_for_inference(str(resumed))
+    _, p_straight = load_for_inference(str(straight))
+    _, p_resumed = load_for_inference(str(resumed))
     for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed)):
         assert np.array_equal(a, b)
 
@@ -181,5 +195,10 @@ def test_bad_overrides_fail_at_start_naming_the_key(tmp_path, args, message):
 def test_every_cli_module_imports_into_one_process():
     """Flags are defined when a program starts, not on import (absl rejects duplicates)."""
     import importlib
-    for name in ("train", "train_autoencoder", "generate_cli", "demo_report"):
-        importlib.import_module(f"transfusion_jax.{name}")
+
+    from absl import flags
+    before = set(flags.FLAGS)
+    for name in ("train", "train_autoencoder", "generate", "evaluate", "precompute"):
+        module = importlib.import_module(f"transfusion_jax.{name}")
+        assert callable(module.main), name
+    assert set(flags.FLAGS) == before  # importing defined no flag

@@ -9,8 +9,8 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from transfusion_jax.model.unet import UNET_PRESETS, UNetDown, UNetUp, unet_config
-from transfusion_jax.sharding import DEFAULT_RULES
+from transfusion_jax.models.unet import UNET_PRESETS, UNetDown, UNetUp, unet_config
+from transfusion_jax.core.sharding import DEFAULT_RULES
 
 N, H, C, D = 3, 8, 4, 32
 

@@ -34,12 +34,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from transfusion_jax import checkpoint, cli
-from transfusion_jax.data import latent_records as R
+from transfusion_jax.core import checkpoint, cli
+from transfusion_jax.data import latent_records
 from transfusion_jax.data.config import validate_data_config
 from transfusion_jax.data.documents import SkipDocument, load_image
 from transfusion_jax.data.sources import build_image_source
-from transfusion_jax.model.autoencoder import Autoencoder, downsample_factor
+from transfusion_jax.models.autoencoder import loader
+from transfusion_jax.models.autoencoder.model import Autoencoder, downsample_factor
 
 AE_HINT = ("the workdir of a trained autoencoder (python -m transfusion_jax.train_autoencoder "
            "--config experiments/autoencoder.py:kind=vae --workdir DIR)")
@@ -64,11 +65,8 @@ def _checkpoint_step(workdir: str) -> int | None:
 
 
 def load_encoder(workdir: str, image_size: int, batch_size: int) -> Encoder:
-    """The frozen VAE (its posterior mean, through latents.Codec.encode_mean) or VQ-VAE (its
+    """The frozen VAE (its posterior mean, through codec.Codec.encode_mean) or VQ-VAE (its
     code ids) of an autoencoder workdir, for image_size x image_size images."""
-    # Imported here: train_autoencoder brings in the trainer, which the format helpers never need.
-    from transfusion_jax import latents, train_autoencoder
-
     if not workdir:
         raise ValueError(f"--autoencoder: none given and config.autoencoder.checkpoint is "
                          f"empty; expected {AE_HINT}")
@@ -78,15 +76,15 @@ def load_encoder(workdir: str, image_size: int, batch_size: int) -> Encoder:
         raise ValueError(f"--autoencoder = {workdir!r}: no config.json there; expected "
                          f"{AE_HINT}") from None
     kind, factor = ae_config.model.kind, downsample_factor(ae_config.model)
-    if kind not in R.KINDS:
+    if kind not in latent_records.KINDS:
         raise ValueError(f"--autoencoder = {workdir!r}: a {kind!r} autoencoder; expected one of "
-                         f"{sorted(R.KINDS)}")
+                         f"{sorted(latent_records.KINDS)}")
     if image_size % factor:
         raise ValueError(f"data.image_size = {image_size}: the autoencoder in {workdir!r} "
                          f"downsamples by {factor}; expected a multiple of {factor}")
     try:
         if kind == "vae":
-            codec = latents.load(ml_collections.ConfigDict(
+            codec = loader.load_codec(ml_collections.ConfigDict(
                 dict(kind="vae", checkpoint=workdir, downsample=factor)))
             # float32 whatever the VAE computes in (bfloat16 at paper size): lossless, and
             # what the train step normalises.
@@ -95,7 +93,7 @@ def load_encoder(workdir: str, image_size: int, batch_size: int) -> Encoder:
             with open(os.path.join(workdir, "latent_stats.json")) as f:  # what the Codec read
                 stats = json.load(f)
         else:
-            _, variables, _ = train_autoencoder.load_frozen(workdir)
+            _, variables, _ = loader.load_frozen(workdir)
             model = Autoencoder(ae_config.model)
             fn = jax.jit(lambda v, x: model.apply(v, x, method=Autoencoder.encode).ids
                          .astype(jnp.int32))
@@ -137,19 +135,19 @@ def read_record(source, index: int, image_size: int) -> tuple[Any, list[np.ndarr
             return {"error": e.reason}
         return len(pixels) - 1  # a placeholder: an int, as no image value stays one
 
-    return R.map_images(source[index], load), pixels
+    return latent_records.map_images(source[index], load), pixels
 
 
 def record_bytes(index: int, template, latents: list[np.ndarray]) -> bytes:
     """The stored record: the template's placeholders replaced by latent payloads."""
-    record = R.map_images(template, lambda v: R.latents_payload(latents[v])
-                          if isinstance(v, int) else v)
+    record = latent_records.map_images(
+        template, lambda v: latent_records.latents_payload(latents[v]) if isinstance(v, int) else v)
     try:
-        return R.pack_record(index, record)
+        return latent_records.pack_record(index, record)
     except UnicodeEncodeError:  # a str with lone surrogates: the pixel path's invalid_utf8
-        return R.pack_record(index, {"error": "invalid_utf8"})
+        return latent_records.pack_record(index, {"error": "invalid_utf8"})
     except (TypeError, ValueError, OverflowError):  # a value msgpack cannot store
-        return R.pack_record(index, {"error": "bad_record"})
+        return latent_records.pack_record(index, {"error": "bad_record"})
 
 # ============================================================================ the command
 
@@ -182,13 +180,13 @@ def _check_out(out: str, overwrite: bool) -> list[str]:
     if present and not overwrite:
         raise ValueError(f"--out = {out!r}: not empty ({len(present)} entries); expected an "
                          "empty or new folder, or --overwrite to replace a precompute there")
-    others = [f for f in present if f != R.MANIFEST
+    others = [f for f in present if f != latent_records.MANIFEST
               and not (f.startswith("latents-") and f.endswith(".array_record"))]
     if others:
         raise ValueError(f"--out = {out!r}: holds files precompute did not write ({others[:3]}); "
                          "expected a folder of a previous precompute to overwrite")
     # The manifest first: an overwrite cut short leaves a folder that reads as unfinished.
-    return sorted(present, key=lambda f: f != R.MANIFEST)
+    return sorted(present, key=lambda f: f != latent_records.MANIFEST)
 
 
 def precompute(config, out: str, *, autoencoder: str = "", shards: int = 1,
@@ -217,13 +215,13 @@ def precompute(config, out: str, *, autoencoder: str = "", shards: int = 1,
         os.remove(os.path.join(out, f))
     counts = _write_shards(data, source, encoder, out, shards, batch_size,
                            _Progress(len(source), log_every_s))
-    manifest = {"format": R.FORMAT, "kind": encoder.kind, "dtype": R.KINDS[encoder.kind],
+    manifest = {"format": latent_records.FORMAT, "kind": encoder.kind, "dtype": latent_records.KINDS[encoder.kind],
                 "latent_shape": list(encoder.latent_shape), "num_records": len(source),
                 **counts, "autoencoder": encoder.info, "data": data.to_dict()}
-    tmp = os.path.join(out, R.MANIFEST + ".tmp")
+    tmp = os.path.join(out, latent_records.MANIFEST + ".tmp")
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(out, R.MANIFEST))  # last: its presence marks a finished run
+    os.replace(tmp, os.path.join(out, latent_records.MANIFEST))  # last: its presence marks a finished run
     return manifest
 
 
@@ -236,8 +234,8 @@ def _write_shards(data, source, encoder: Encoder, out: str, num_shards: int, bat
     done = images = failed = 0
     shards = []
     with ThreadPoolExecutor(max(1, data.read_threads)) as pool:
-        for k, (lo, hi) in enumerate(R.shard_bounds(len(source), num_shards)):
-            name = R.shard_name(k, num_shards)
+        for k, (lo, hi) in enumerate(latent_records.shard_bounds(len(source), num_shards)):
+            name = latent_records.shard_name(k, num_shards)
             # group_size:1: each record its own chunk, for random access (Grain's advice).
             writer = ArrayRecordWriter(os.path.join(out, name), "group_size:1")
             for start in range(lo, hi, chunk):
@@ -266,12 +264,12 @@ def _errors(template) -> int:
         failed.append(isinstance(value, dict))
         return value
 
-    R.map_images(template, visit)
+    latent_records.map_images(template, visit)
     return sum(failed)
 
 
 def main():
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config = config_flags.DEFINE_config_file("config", None, "experiments/transfusion.py[:arg]",
@@ -283,23 +281,19 @@ def main():
     batch_size = flags.DEFINE_integer("batch_size", 64, "images per encoder call")
     overwrite = flags.DEFINE_bool("overwrite", False, "replace a previous precompute in --out")
 
-    def _main(argv):
-        del argv
+    def _main():
         if config.value is None or not out.value:
             sys.exit("error: --config and --out are required")
-        try:
-            m = precompute(config.value, out.value, autoencoder=autoencoder.value,
-                           shards=shards.value, batch_size=batch_size.value,
-                           overwrite=overwrite.value)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        m = precompute(config.value, out.value, autoencoder=autoencoder.value,
+                       shards=shards.value, batch_size=batch_size.value,
+                       overwrite=overwrite.value)
         print(f"precompute: {m['num_records']} records, {m['num_images']} images "
               f"({m['num_failed_images']} failed to load), {m['kind']} latents "
               f"{tuple(m['latent_shape'])}, in {len(m['shards'])} shards under {out.value}; "
               f"train with --config.data.image_source=latents "
               f"--config.data.latents_dir={out.value}", file=sys.stderr)
 
-    app.run(_main, flags_parser=cli._parse)  # the trainers' parser: bad overrides are named
+    cli.run_flags(_main)  # the trainers' parser (bad overrides are named), quiet logs
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@
     state = pipeline.get_state(); pipeline.set_state(state)        # bytes, for the checkpoint
     pipeline.metrics()                                             # counters for logging
 
-Modules: config (the data ConfigDict), shapes / shapes_text (the embedded shapes world and its
-parsers), tokenizer, sources, documents (records -> documents), packing (documents -> rows),
-mixing (text:patch ratio), pipeline (Grain), counters (pipeline metrics), latent_records
+Modules: config (the data ConfigDict), shapes/ (the embedded shapes world: world, text,
+held-out scenes, and their parsers), tokenizer, sources, documents (records -> documents),
+packing (documents -> rows), mixing (text:patch ratio), pipeline (Grain), host_data (a host's
+rows of the global batch, from its data streams), counters (pipeline metrics), latent_records
 (precomputed latents: the format transfusion_jax.precompute writes, and their source).
 """
 from transfusion_jax.data.config import get_data_config

@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from transfusion_jax.data import shapes_text
+from transfusion_jax.data.shapes import text as shapes_text
 from transfusion_jax.data.latent_records import LatentsSource
-from transfusion_jax.data.shapes import scene_rng
+from transfusion_jax.data.shapes.world import scene_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 

@@ -116,7 +116,7 @@ def get_tokenizer(config, workdir) -> Tokenizer:
     if path.exists():
         return load_tokenizer(path)
     if config.tokenizer_train_source == "shapes":
-        from transfusion_jax.data.shapes_text import text_corpus
+        from transfusion_jax.data.shapes.text import text_corpus
         texts = text_corpus(config.shapes_seed, "train", config.tokenizer_train_documents)
     else:
         from transfusion_jax.data.sources import sample_texts

@@ -1,0 +1,52 @@
+"""Run a training run's evaluators (config.evals) on one of its checkpoints (a Transfusion run
+or an autoencoder run).
+
+    python -m transfusion_jax.evaluate --workdir DIR [--step N] [--only NAME,NAME]
+
+Loads the run's config, tokenizer, frozen autoencoder and the checkpoint's params (the EMA
+params when the run kept them: what the trainer evaluates), runs every evaluator of
+config.evals (or those named by --only, whatever their `every`) and writes their scalars to
+DIR/evals/<step>.json and their files to DIR/evals/<step>/<name>/, as training does.
+"""
+import json
+
+from absl import flags
+
+from transfusion_jax.core import checkpoint, cli
+from transfusion_jax.data.tokenizer import get_tokenizer
+from transfusion_jax.evaluators import common as evaluators
+from transfusion_jax.inference.loading import load_for_inference
+from transfusion_jax.models.autoencoder import loader
+
+
+def evaluate(workdir: str, step: int | None = None, only: tuple[str, ...] = ()) -> dict:
+    """{"<name>/<key>": scalar} of the evaluators on the checkpoint at `step` (latest: None)."""
+    step = checkpoint.latest_step(workdir) if step is None else step
+    config, variables = load_for_inference(workdir, step)
+    if not config.get("evals"):
+        raise ValueError(f"{workdir}/config.json has no evals: nothing to run (add "
+                         "--config.evals... to the run's config, see evaluators/common.py)")
+    transfusion_run = "autoencoder" in config  # else an autoencoder's own run
+    context = evaluators.Context(
+        config, get_tokenizer(config.data, workdir) if transfusion_run else None,
+        loader.load_codec(config.autoencoder) if transfusion_run else None, workdir)
+    return evaluators.run(evaluators.from_config(config.evals, context, only), variables, step,
+                          workdir)
+
+
+def main():
+    workdir = flags.DEFINE_string("workdir", None, "a training workdir (config.json, checkpoints)")
+    step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
+    only = flags.DEFINE_list("only", [], "run only these evaluators of config.evals")
+
+    def _main():
+        if not workdir.value:
+            raise ValueError("--workdir is required")
+        results = evaluate(workdir.value, step.value, tuple(only.value))
+        print(json.dumps(results, indent=1, sort_keys=True))
+
+    cli.run_flags(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Mixed-modal generation (paper section 3, "Inference"), on a functional KV cache.
+
+LM mode samples text tokens one at a time. When a row samples BOI it switches to diffusion mode:
+P noise patches are denoised against the cached prefix (the prefix is causal, so its keys and
+values never change while the image is denoised: each step runs only the P patches, which see the
+prefix and each other), then one pass writes the finished image (at t = 0, as a finished image is
+read in training's t = 0 limit) and EOI into the cache, and LM mode resumes. Any mixture of text
+and images comes out; every shape is static and the whole loop is one jitted `lax.while_loop`.
+
+Rows carry their own state (cache length, mode, counts), so prompts of different lengths and rows
+in different modes share a batch. Classifier-free guidance doubles the rows: rows [0, B) are the
+conditional generation, rows [B, 2B) the same generation with the prompt replaced by `uncond`
+(for text to image: BOS BOI); both run in one forward and eps = eps_u + s (eps_c - eps_u).
+
+    gen = Generator(config.model, schedule, Specials.from_tokenizer(tok), ImageSampling(...))
+    out = gen(params, build_prompt(rows, config.model, specials), key, max_new_tokens=64)
+
+Tasks built on it (text to image, captions, grids) are in inference/tasks.py; the command line
+is `python -m transfusion_jax.generate --workdir DIR`.
+"""
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from transfusion_jax import diffusion
+from transfusion_jax.models import Transfusion, patches_per_image
+from transfusion_jax.models.kv_cache import KVCache, advance, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Specials:
+    """The reserved token ids (batch contract); ours are PAD=0, BOS=1, EOS=2, BOI=3, EOI=4."""
+    pad: int = 0
+    bos: int = 1
+    eos: int = 2
+    boi: int = 3
+    eoi: int = 4
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "Specials":
+        return cls(tok.pad_id, tok.bos_id, tok.eos_id, tok.boi_id, tok.eoi_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0            # 0: off
+    top_p: float = 1.0        # 1: off
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSampling:
+    sampler: str = "ddpm"     # diffusion.SAMPLERS
+    steps: int = 250          # the paper's DDPM-250
+    eta: float = 0.0          # DDIM only
+    clip_x0: float = 0.0      # > 0: clip predicted x0 (pixel models: 1), see diffusion.sampler_tables
+
+
+class Prompt(NamedTuple):
+    """Per row one document from cache index 0: batch-contract arrays [B, Lp] (no targets or
+    weights), clean image latents [B, M, H, W, C] (None without images) and lengths [B]."""
+    chunk: dict
+    images: jax.Array | None
+    lengths: jax.Array
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array      # int32 [B, max_new_tokens]: text, BOI/EOI around each image; PAD after
+    num_tokens: jax.Array  # int32 [B]
+    images: jax.Array      # float32 [B, max_images, H, W, C]: the generated latents, in order
+    num_images: jax.Array  # int32 [B]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and chunks (numpy / jnp arrays in cache coordinates, see kv_cache.py).
+
+def build_prompt(rows, cfg, specials: Specials = Specials(), length: int | None = None) -> Prompt:
+    """rows: per row a list of parts, each a sequence of token ids or an image latent [H, W, C].
+    BOS is prepended, images are wrapped in BOI ... EOI; a row may end with [specials.boi] to
+    ask for an image first. Rows are padded to `length` (default: the longest)."""
+    p, size, ch = patches_per_image(cfg), cfg.latent_size, cfg.latent_channels
+    elements = [_row_elements(parts, p, (size, size, ch), specials) for parts in rows]
+    lengths = [len(e) for e, _ in elements]
+    length = length or max(lengths)
+    if max(lengths) > length:
+        raise ValueError(f"build_prompt: a row has {max(lengths)} elements; length={length}")
+    m = max(len(imgs) for _, imgs in elements)
+    b = len(rows)
+    chunk = {k: np.zeros((b, length), np.int32) for k in
+             ("tokens", "segment_ids", "positions", "mask_pos")}
+    chunk["patch_index"] = np.full((b, length), -1, np.int32)
+    chunk["patch_positions"] = np.zeros((b, max(m, 1), p), np.int32)
+    images = np.zeros((b, max(m, 1), size, size, ch), np.float32)
+    for r, (elems, imgs) in enumerate(elements):
+        for i, (token, slot, patch) in enumerate(elems):
+            chunk["tokens"][r, i], chunk["segment_ids"][r, i], chunk["positions"][r, i] = token, 1, i
+            chunk["mask_pos"][r, i] = i if slot < 0 else i + p - 1 - patch
+            if slot >= 0:
+                chunk["patch_index"][r, i] = slot * p + patch
+                chunk["patch_positions"][r, slot, patch] = i
+        if imgs:
+            images[r, :len(imgs)] = np.stack(imgs)
+    chunk["mask_pos"][chunk["segment_ids"] == 0] = np.nonzero(chunk["segment_ids"] == 0)[1]
+    return Prompt({k: jnp.asarray(v) for k, v in chunk.items()},
+                  jnp.asarray(images) if m else None, jnp.asarray(lengths, jnp.int32))
+
+
+def _row_elements(parts, p, image_shape, specials):
+    """[(token, slot or -1, patch)], [images] of one row."""
+    elems, imgs = [(specials.bos, -1, 0)], []
+    for part in parts:
+        arr = np.asarray(part)
+        if arr.ndim == 3:
+            if arr.shape != image_shape:
+                raise ValueError(f"prompt image shape {arr.shape}: expected {image_shape} "
+                                 "(model.latent_size, latent_size, latent_channels)")
+            elems += [(specials.boi, -1, 0)] + [(specials.pad, len(imgs), j) for j in range(p)]
+            elems.append((specials.eoi, -1, 0))
+            imgs.append(arr)
+        elif arr.ndim == 1 or arr.size == 0:
+            elems += [(int(t), -1, 0) for t in arr.reshape(-1)]
+        else:
+            raise ValueError(f"prompt part of shape {arr.shape}: expected token ids [n] or an "
+                             f"image latent {image_shape}")
+    return elems, imgs
+
+
+def text_chunk(tokens, start, active):
+    """One text element per row at `start` [B]; inactive rows write an empty (segment 0) slot."""
+    b = tokens.shape[0]
+    pos = start[:, None]
+    return {"tokens": tokens[:, None], "segment_ids": active.astype(jnp.int32)[:, None],
+            "positions": pos, "mask_pos": pos, "patch_index": jnp.full((b, 1), -1, jnp.int32)}
+
+
+def image_chunk(start, active, p: int, eoi: int | None = None):
+    """P patches (and EOI when `eoi` is given) per row at `start` [B]; one image slot."""
+    b, n = start.shape[0], p + (eoi is not None)
+    idx = jnp.arange(n, dtype=jnp.int32)
+    is_patch = idx < p
+    return {"tokens": jnp.broadcast_to(jnp.where(is_patch, 0, 0 if eoi is None else eoi), (b, n)).astype(jnp.int32),
+            "segment_ids": jnp.broadcast_to(active.astype(jnp.int32)[:, None], (b, n)),
+            "positions": start[:, None] + idx,
+            "mask_pos": start[:, None] + jnp.where(is_patch, p - 1, idx),
+            "patch_index": jnp.broadcast_to(jnp.where(is_patch, idx, -1), (b, n)),
+            "patch_positions": jnp.broadcast_to(idx[:p], (b, 1, p))}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cached model calls. `model` is a Transfusion; every function is pure.
+
+def prefill(model, params, cache: KVCache, prompt: Prompt):
+    """Write the prompts at index 0 -> (cache, logits [B, V] after each row's last element)."""
+    images, t = prompt.images, None
+    if images is not None:
+        t = jnp.zeros(images.shape[:2], jnp.int32)  # prompt images are clean (t = 0)
+    out, cache = model.apply(params, prompt.chunk, images, t, cache, method=Transfusion.extend)
+    last = jnp.take_along_axis(out["logits"], (prompt.lengths - 1)[:, None, None], axis=1)
+    return advance(cache, prompt.lengths), last[:, 0]
+
+
+def decode_text(model, params, cache: KVCache, tokens, active):
+    """Append one token per active row -> (cache, logits [B, V] after it)."""
+    out, cache = model.apply(params, text_chunk(tokens, cache.length, active), None, None, cache,
+                             method=Transfusion.extend)
+    return advance(cache, active.astype(jnp.int32)), out["logits"][:, 0]
+
+
+def denoise_eps(model, params, cache: KVCache, x_t, t, active):
+    """eps of the noisy image x_t [B, H, W, C] at timestep t (scalar or [B]), placed at each row's `length`
+    against the cached prefix. The cache is not changed (the patches are written only into the
+    copy this call attends to)."""
+    p = patches_per_image(model.cfg)
+    timesteps = jnp.broadcast_to(jnp.reshape(t, (-1, 1)), (x_t.shape[0], 1)).astype(jnp.int32)
+    out, _ = model.apply(params, image_chunk(cache.length, active, p), x_t[:, None], timesteps,
+                         cache, logits=False, method=Transfusion.extend)
+    return out["eps"][:, 0]
+
+
+def commit_image(model, params, cache: KVCache, x0, active, eoi: int):
+    """Write the finished image (t = 0) and EOI for active rows -> (cache, logits after EOI)."""
+    p = patches_per_image(model.cfg)
+    t = jnp.zeros((x0.shape[0], 1), jnp.int32)
+    out, cache = model.apply(params, image_chunk(cache.length, active, p, eoi), x0[:, None], t,
+                             cache, method=Transfusion.extend)
+    return advance(cache, (p + 1) * active.astype(jnp.int32)), out["logits"][:, p]
+
+
+def guided(eps_c, eps_u, scale):
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u); s = 1 is the conditional model."""
+    return eps_u + scale * (eps_c - eps_u)
+
+
+def sample_image(model, params, cache: KVCache, key, active, tables, guidance=None):
+    """Denoise one image per row against the cache -> x0 [B, H, W, C] (B = the conditional rows).
+    With `guidance` (a scale) the cache holds 2B rows, the unconditional ones second."""
+    cfg = model.cfg
+    double = guidance is not None
+    b = active.shape[0] // (2 if double else 1)
+    key_noise, key_sampler = jax.random.split(key)
+    x_T = jax.random.normal(key_noise, (b, cfg.latent_size, cfg.latent_size, cfg.latent_channels))
+
+    def eps_fn(x, t):
+        if not double:
+            return denoise_eps(model, params, cache, x, t, active)
+        eps = denoise_eps(model, params, cache, jnp.concatenate([x, x]), t, active)
+        return guided(eps[:b], eps[b:], guidance)
+
+    return diffusion.sample(eps_fn, x_T, key_sampler, tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text sampling.
+
+def sample_token(key, logits, sampling: TextSampling, banned=None):
+    """One token per row from logits [B, V]; `banned` bool [B, V] or [V] is never sampled."""
+    logits = logits.astype(jnp.float32)
+    if banned is not None:
+        logits = jnp.where(banned, -jnp.inf, logits)
+    if sampling.temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (the first always).
+        order = jnp.argsort(-logits, axis=-1)
+        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+        drop_sorted = jnp.cumsum(probs, axis=-1) - probs >= sampling.top_p
+        drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+            drop_sorted)
+        logits = jnp.where(drop, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The generation loop.
+
+class _State(NamedTuple):
+    cache: KVCache
+    logits: jax.Array   # [B, V] the next-token logits of the conditional rows
+    step: jax.Array     # loop iteration (keys fold it in)
+    pending: jax.Array  # bool [B]: the last element is BOI, an image is due
+    done: jax.Array     # bool [B]
+    out: Generation
+
+
+class Generator:
+    """Jitted mixed-modal generation for one model config and sampler settings.
+
+    __call__(params, prompt, key, uncond=None, guidance=1.0, max_new_tokens, max_images,
+    allow_images) -> Generation. `uncond` (a Prompt, same rows) turns on classifier-free
+    guidance for the images with scale `guidance` (a runtime value: no recompilation)."""
+
+    def __init__(self, cfg, schedule: diffusion.Schedule, specials: Specials = Specials(),
+                 image: ImageSampling = ImageSampling(), text: TextSampling = TextSampling()):
+        self.model, self.specials, self.text = Transfusion(cfg), specials, text
+        self.tables = diffusion.sampler_tables(schedule, image.sampler, image.steps, image.eta,
+                                               clip_x0=image.clip_x0)
+        self._compiled = {}
+
+    def __call__(self, params, prompt: Prompt, key, uncond: Prompt | None = None,
+                 guidance: float = 1.0, max_new_tokens: int = 64, max_images: int = 1,
+                 allow_images: bool = True) -> Generation:
+        if max_new_tokens < 1 or max_images < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens}, max_images={max_images}; "
+                             "expected >= 1 and >= 0")
+        if uncond is not None and uncond.lengths.shape != prompt.lengths.shape:
+            raise ValueError(f"uncond has {uncond.lengths.shape[0]} rows; expected "
+                             f"{prompt.lengths.shape[0]}, one per prompt row")
+        static = (max_new_tokens, max_images, allow_images, uncond is not None)
+        if static not in self._compiled:
+            self._compiled[static] = jax.jit(functools.partial(self._generate, *static))
+        return self._compiled[static](params, prompt, uncond, key, jnp.float32(guidance))
+
+    def _generate(self, max_new, max_images, allow_images, use_cfg, params, prompt, uncond, key,
+                  guidance):
+        model, sp = self.model, self.specials
+        p, cfg = patches_per_image(model.cfg), model.cfg
+        b = prompt.lengths.shape[0]
+        tile = (lambda x: jnp.concatenate([x, x])) if use_cfg else (lambda x: x)
+        prompt_len = max(prompt.chunk["tokens"].shape[1],
+                         uncond.chunk["tokens"].shape[1] if use_cfg else 0)
+        cache = init_cache(cfg, b * (2 if use_cfg else 1),
+                           prompt_len + max_new + max_images * p)
+        both = concat_prompts(prompt, uncond) if use_cfg else prompt
+        cache, logits = prefill(model, params, cache, both)
+        last = jnp.take_along_axis(prompt.chunk["tokens"], (prompt.lengths - 1)[:, None], 1)[:, 0]
+        shape = (cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+        out = Generation(jnp.full((b, max_new), sp.pad, jnp.int32), jnp.zeros(b, jnp.int32),
+                         jnp.zeros((b, max(max_images, 1), *shape)), jnp.zeros(b, jnp.int32))
+        state = _State(cache, logits[:b], jnp.int32(0), last == sp.boi, jnp.zeros(b, bool), out)
+        rows = jnp.arange(b)
+
+        def text_phase(s: _State) -> _State:
+            o = s.out
+            active = ~s.done
+            # BOI only when an image, its EOI and the budgets fit.
+            no_image = (o.num_images >= max_images) | (o.num_tokens + 2 > max_new)
+            no_image = no_image | (not allow_images)
+            banned = jnp.zeros((b, s.logits.shape[-1]), bool)
+            banned = banned.at[:, jnp.array([sp.pad, sp.bos, sp.eoi])].set(True)
+            banned = banned.at[:, sp.boi].set(no_image)
+            tok = sample_token(jax.random.fold_in(key, s.step), s.logits, self.text, banned)
+            cache, logits = decode_text(model, params, s.cache, tile(tok), tile(active))
+            slot = jnp.minimum(o.num_tokens, max_new - 1)
+            tokens = o.tokens.at[rows, slot].set(jnp.where(active, tok, o.tokens[rows, slot]))
+            n = o.num_tokens + active
+            done = s.done | (active & ((tok == sp.eos) | (n >= max_new)))
+            return s._replace(cache=cache, logits=jnp.where(active[:, None], logits[:b], s.logits),
+                              pending=active & (tok == sp.boi) & ~done, done=done,
+                              out=o._replace(tokens=tokens, num_tokens=n))
+
+        def image_phase(s: _State) -> _State:
+            o, active = s.out, s.pending
+            x0 = sample_image(model, params, s.cache, jax.random.fold_in(key, s.step),
+                              tile(active), self.tables, guidance if use_cfg else None)
+            cache, logits = commit_image(model, params, s.cache, tile(x0), tile(active), sp.eoi)
+            slot = jnp.minimum(o.num_images, max(max_images, 1) - 1)
+            images = o.images.at[rows, slot].set(
+                jnp.where(active[:, None, None, None], x0, o.images[rows, slot]))
+            tslot = jnp.minimum(o.num_tokens, max_new - 1)
+            tokens = o.tokens.at[rows, tslot].set(jnp.where(active, sp.eoi, o.tokens[rows, tslot]))
+            n = o.num_tokens + active
+            return s._replace(cache=cache, logits=jnp.where(active[:, None], logits[:b], s.logits),
+                              pending=jnp.zeros_like(active), done=s.done | (active & (n >= max_new)),
+                              out=o._replace(tokens=tokens, num_tokens=n, images=images,
+                                             num_images=o.num_images + active))
+
+        def body(s: _State) -> _State:
+            s = jax.lax.cond(s.pending.any(), image_phase, text_phase, s)
+            return s._replace(step=s.step + 1)
+
+        limit = max_new + max_images + 1  # every iteration adds a token or an image
+        state = jax.lax.while_loop(lambda s: (s.step < limit) & ~(s.done.all()), body, state)
+        return state.out
+
+
+def concat_prompts(a: Prompt, b: Prompt) -> Prompt:
+    """The rows of a then of b, padded to one length and one number of image slots."""
+    length = max(a.chunk["tokens"].shape[1], b.chunk["tokens"].shape[1])
+    slots = max(x.chunk["patch_positions"].shape[1] for x in (a, b))
+
+    def pad(x: Prompt):
+        c = dict(x.chunk)
+        extra = length - c["tokens"].shape[1]
+        for k in ("tokens", "segment_ids", "positions"):
+            c[k] = jnp.pad(c[k], ((0, 0), (0, extra)))
+        c["patch_index"] = jnp.pad(c["patch_index"], ((0, 0), (0, extra)), constant_values=-1)
+        c["mask_pos"] = jnp.concatenate(
+            [c["mask_pos"], jnp.broadcast_to(jnp.arange(c["mask_pos"].shape[1], length),
+                                             (c["mask_pos"].shape[0], extra))], axis=1)
+        c["patch_positions"] = jnp.pad(c["patch_positions"],
+                                       ((0, 0), (0, slots - c["patch_positions"].shape[1]), (0, 0)))
+        return c, x.images
+
+    (ca, ia), (cb, ib) = pad(a), pad(b)
+    chunk = {k: jnp.concatenate([ca[k], cb[k]]) for k in ca}
+    images = None
+    if ia is not None or ib is not None:
+        shape = (slots, *(ia if ia is not None else ib).shape[2:])
+        fill = lambda im, n: (jnp.zeros((n, *shape)) if im is None else
+                              jnp.pad(im, ((0, 0), (0, slots - im.shape[1])) + ((0, 0),) * 3))
+        images = jnp.concatenate([fill(ia, a.lengths.shape[0]), fill(ib, b.lengths.shape[0])])
+    return Prompt(chunk, images, jnp.concatenate([a.lengths, b.lengths]))

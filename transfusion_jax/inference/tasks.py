@@ -1,0 +1,143 @@
+"""Generation tasks as a library: text to image, image to text, answers, free generation.
+
+    sampling = Sampling(sampler="dpm++2m", steps=20, num_samples=1)
+    records = run_tasks(config, variables, tokenizer, sampling, prompts=["a red circle"],
+                        images=[uint8_or_path], out="DIR")
+
+Each record is {task, input, sample, text, images, pixels}: `pixels` holds the generated images
+(uint8 [H, W, 3]) for scoring; with `out`, one PNG grid per task is written there (a row per
+input, a column per sample). Options are typed (no argparse): the `generate` entry point builds
+them from its flags, evaluators from their config.
+"""
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from transfusion_jax import diffusion
+from transfusion_jax.data.documents import load_image
+from transfusion_jax.inference import generation
+from transfusion_jax.models.autoencoder import loader
+from transfusion_jax.models.autoencoder.codec import Codec
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to sample. Image: `sampler`-`steps` (paper: DDPM-250), classifier-free guidance
+    `guidance` for text to image (paper: 5 and 3; 0 or 1: off). Text: greedy at temperature 0."""
+    sampler: str = "ddpm"
+    steps: int = 250
+    eta: float = 0.0          # DDIM only
+    guidance: float = 3.0
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    max_images: int = 2       # free generation: images per row
+    num_samples: int = 4      # samples per input
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.sampler not in diffusion.SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}: expected one of {diffusion.SAMPLERS}")
+        for field in ("steps", "max_new_tokens", "num_samples"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field}={getattr(self, field)}: expected an integer >= 1")
+
+
+def image_codec(config, codec: Codec | None = None):
+    """(pixels [-1, 1] -> latents, latents -> pixels) of the run's frozen autoencoder
+    (`codec`, else loaded from config.autoencoder), each for one image, jitted."""
+    codec = codec or loader.load_codec(config.autoencoder)
+    if codec.kind == "identity":
+        return (lambda x: x), (lambda z: np.clip(z, -1.0, 1.0))
+    encode = jax.jit(lambda x: codec.encode(codec.variables, x[None])[0])
+    decode = jax.jit(lambda z: jnp.clip(codec.decode(codec.variables, z[None])[0], -1.0, 1.0))
+    return (lambda x: np.asarray(encode(jnp.asarray(x)))), (lambda z: np.asarray(decode(z)))
+
+
+def to_uint8(pixels) -> np.ndarray:
+    return np.round((np.clip(np.asarray(pixels), -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def save_grid(path, rows) -> None:
+    """rows: list of lists of uint8 [H, W, 3] -> one PNG, 2 px gaps."""
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = im
+    Image.fromarray(grid).save(path)
+
+
+def make_generator(config, specials, sampling: Sampling) -> generation.Generator:
+    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    return generation.Generator(
+        config.model, schedule, specials,
+        generation.ImageSampling(sampling.sampler, sampling.steps, sampling.eta,
+                                 config.diffusion.clip_x0),
+        generation.TextSampling(sampling.temperature, sampling.top_k, sampling.top_p))
+
+
+def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequence[str] = (),
+              images: Sequence = (), question: str = "", free: Sequence[str] = (),
+              out: str | None = None, codec: Codec | None = None, names: Sequence[str] = ()):
+    """-> list of records {task, input, sample, text, images, pixels}, in task order: text to
+    image (`prompts`), image to text or answer (`images`: paths or uint8 arrays, with
+    `question`), free generation (`free`). `names`: how `images` are named in the records
+    (default: the paths). `codec`: the frozen autoencoder when the caller has it loaded."""
+    if question and not images:
+        raise ValueError("question needs images to ask about")
+    specials = generation.Specials.from_tokenizer(tokenizer)
+    encode, decode = image_codec(config, codec)
+    generator = make_generator(config, specials, sampling)
+    key, n, records = jax.random.key(sampling.seed), sampling.num_samples, []
+    if out:
+        os.makedirs(out, exist_ok=True)
+
+    def run(task, inputs, rows, uncond=None, **kw):
+        prompt = generation.build_prompt([r for r in rows for _ in range(n)], config.model,
+                                         specials)
+        if uncond is not None:
+            uncond = generation.build_prompt([r for r in uncond for _ in range(n)], config.model,
+                                             specials)
+        result = generator(variables, prompt, jax.random.fold_in(key, len(records)),
+                           uncond=uncond, **kw)
+        grid = []
+        for i, name in enumerate(inputs):
+            grid.append([])
+            for sample in range(n):
+                row = i * n + sample
+                num_images, num_tokens = int(result.num_images[row]), int(result.num_tokens[row])
+                pics = [to_uint8(decode(np.asarray(result.images[row, j])))
+                        for j in range(num_images)]
+                grid[-1] += pics
+                text = tokenizer.decode(np.asarray(result.tokens[row, :num_tokens]))
+                records.append(dict(task=task, input=name, sample=sample, images=num_images,
+                                    pixels=pics, text=text))
+        if out and any(grid):
+            save_grid(os.path.join(out, f"{task}.png"), [row for row in grid if row])
+
+    if prompts:
+        cfg_on = sampling.guidance not in (0.0, 1.0)
+        run("text_to_image", list(prompts),
+            [[tokenizer.encode(p), [specials.boi]] for p in prompts],
+            uncond=[[[specials.boi]]] * len(prompts) if cfg_on else None,
+            guidance=sampling.guidance, max_new_tokens=1, max_images=1)
+    if len(images):
+        latents = [encode(load_image(im, config.data.image_size)) for im in images]  # [-1, 1]
+        asked = tokenizer.encode(f"Question: {question} Answer:") if question else []
+        names = list(names) or [im if isinstance(im, str) else f"image {i}"
+                                for i, im in enumerate(images)]
+        run("answer" if question else "image_to_text", names,
+            [[latent, asked] for latent in latents], max_new_tokens=sampling.max_new_tokens,
+            max_images=0, allow_images=False)
+    if free:
+        run("free", list(free), [[tokenizer.encode(t)] for t in free],
+            max_new_tokens=sampling.max_new_tokens, max_images=sampling.max_images)
+    return records

@@ -1,0 +1,130 @@
+"""The Llama transformer: pre-RMSNorm, SwiGLU, RoPE, no biases (paper section 3, Table 2).
+
+The blocks are stacked with `nn.scan` (one compiled block, a leading "layers" axis on every
+block parameter) so that compile time does not grow with depth; `remat` wraps the block in
+activation checkpointing. Attention runs under the Transfusion mask (see attention.py).
+
+Decoding passes a `KVCache` (kv_cache.py): each layer writes its chunk's keys and values into its
+slice of the cache and attends to the whole cache, under the same mask rule; the transformer
+returns the written cache with its hidden states. Training passes no cache.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from transfusion_jax.models import attention
+from transfusion_jax.models.kv_cache import KVCache, write_mask_vectors, write_rows
+from transfusion_jax.models.layers import Dense, RMSNorm, constrain, default_init, logical
+
+ACT = ("batch", "length", "embed")  # logical axes of the residual stream
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding (half-split form) of x [B, L, H, Dh] at int positions [B, L]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B, L, 1, half]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    dim: int
+    heads: int
+    impl: str = "dense"
+    block_size: int = 512
+    rope_theta: float = 10000.0
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, segment_ids, mask_pos, positions, kv=None, kv_meta=None):
+        """kv: this layer's cached (k, v) [B, S, H, Dh] or None; kv_meta: the cache's
+        (segment_ids, mask_pos) with this chunk's written, and the chunk's start [B].
+        Returns the output, and the cached (k, v) with the chunk's written (None without)."""
+        head_dim = self.dim // self.heads
+
+        def proj(name):
+            kernel = self.param(name, logical(default_init(), ("embed", "heads", "kv")),
+                                (self.dim, self.heads, head_dim), jnp.float32)
+            y = jnp.einsum("bld,dhk->blhk", x.astype(self.dtype), kernel.astype(self.dtype))
+            return constrain(y, ("batch", "length", "heads", "kv"))
+
+        q, k, v = proj("query"), proj("key"), proj("value")
+        if self.qk_norm:  # Chameleon's stability fix; off for Transfusion
+            q = RMSNorm(self.norm_eps, "kv", self.dtype, name="q_norm")(q)
+            k = RMSNorm(self.norm_eps, "kv", self.dtype, name="k_norm")(k)
+        q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+        if kv is None:
+            o = attention.attend(self.impl, q, k, v, segment_ids, mask_pos, self.block_size)
+        else:
+            kv_segment_ids, kv_mask_pos, start = kv_meta
+            kv = (write_rows(kv[0], k, start), write_rows(kv[1], v, start))
+            o = attention.attend(self.impl, q, *kv, segment_ids, mask_pos, self.block_size,
+                                 kv_segment_ids, kv_mask_pos)
+        out = self.param("out", logical(default_init(), ("heads", "kv", "embed")),
+                         (self.heads, head_dim, self.dim), jnp.float32)
+        return jnp.einsum("blhk,hkd->bld", o, out.astype(self.dtype)), kv
+
+
+class SwiGLU(nn.Module):
+    dim: int
+    mlp_dim: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        gate = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
+        up = Dense(self.mlp_dim, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
+        h = constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return Dense(self.dim, ("mlp", "embed"), dtype=self.dtype, name="down")(h)
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)); x + mlp(norm(x)). Signature fits nn.scan: (carry, broadcast...)."""
+
+    cfg: Any  # config.model
+
+    @nn.compact
+    def __call__(self, x, segment_ids, mask_pos, positions, kv=None, kv_meta=None):
+        c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        h = RMSNorm(c.norm_eps, dtype=dtype, name="attn_norm")(x)
+        a, kv = Attention(c.dim, c.heads, c.attention, c.attention_block, c.rope_theta,
+                          c.qk_norm, c.norm_eps, dtype, name="attn")(h, segment_ids, mask_pos,
+                                                                      positions, kv, kv_meta)
+        x = x + a
+        h = RMSNorm(c.norm_eps, dtype=dtype, name="mlp_norm")(x)
+        x = constrain(x + SwiGLU(c.dim, c.mlp_dim, dtype, name="mlp")(h), ACT)
+        return x, kv
+
+
+class Transformer(nn.Module):
+    """[B, L, D] embeddings -> [B, L, D] final-normed hidden states.
+
+    With a `cache` (decoding) the L elements are a chunk placed at each row's `cache.length`,
+    in cache coordinates; returns (hidden states, the cache with the chunk written)."""
+
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, x, segment_ids, mask_pos, positions, cache: KVCache | None = None):
+        block = Block
+        if self.cfg.remat:
+            block = nn.remat(block, prevent_cse=False,
+                             policy=jax.checkpoint_policies.nothing_saveable)
+        # The cached (k, v) are scanned with the layers (leading depth axis); the rest broadcast.
+        stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        length=self.cfg.depth, metadata_params={nn.PARTITION_NAME: "layers"})
+        kv = kv_meta = None
+        if cache is not None:
+            cache = write_mask_vectors(cache, segment_ids, mask_pos)
+            kv, kv_meta = (cache.k, cache.v), (cache.segment_ids, cache.mask_pos, cache.length)
+        x, kv = stack(self.cfg, name="blocks")(constrain(x, ACT), segment_ids, mask_pos,
+                                               positions, kv, kv_meta)
+        h = RMSNorm(self.cfg.norm_eps, dtype=jnp.dtype(self.cfg.dtype), name="final_norm")(x)
+        return h if cache is None else (h, cache._replace(k=kv[0], v=kv[1]))

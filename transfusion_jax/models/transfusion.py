@@ -1,0 +1,99 @@
+"""The Transfusion model: one transformer over text embeddings and image-latent patches.
+
+    model.apply(variables, batch, noised_images, timesteps) -> {"logits", "eps"}
+
+`batch` follows the batch contract (DESIGN.md); `noised_images` are latents x_t
+[B, M, H, W, C] (H = W = config.model.latent_size), `timesteps` int32 [B, M]. Every image slot
+is encoded (static shapes); `patch_index` picks, per sequence element, its patch vector instead
+of the token embedding, and `patch_positions` gathers the transformer outputs back per slot.
+Gathers, not scatters: both directions are plain indexing that shards along the batch axis.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transfusion_jax.models.layers import Dense, constrain, logical
+from transfusion_jax.models.patching import patch_layers
+from transfusion_jax.models.transformer import Transformer
+
+
+def patches_per_image(cfg) -> int:
+    """Sequence elements one image takes: (latent_size / patch_size)^2 (paper footnote 13)."""
+    return (cfg.latent_size // cfg.patch_size) ** 2
+
+
+def example_inputs(cfg, length: int, max_images: int):
+    """Shape-only model inputs (batch of 1) for init: params do not depend on the batch."""
+    p = patches_per_image(cfg)
+    batch = {key: jax.ShapeDtypeStruct((1, length), jnp.int32) for key in
+             ("tokens", "segment_ids", "positions", "mask_pos", "patch_index")}
+    batch["patch_positions"] = jax.ShapeDtypeStruct((1, max_images, p), jnp.int32)
+    size, channels = cfg.latent_size, cfg.latent_channels
+    return (batch, jax.ShapeDtypeStruct((1, max_images, size, size, channels), jnp.float32),
+            jax.ShapeDtypeStruct((1, max_images), jnp.int32))
+
+
+class Transfusion(nn.Module):
+    cfg: Any  # config.model
+
+    def setup(self):
+        c = self.cfg
+        self.embed = self.param("embed", logical(nn.initializers.normal(1.0), ("vocab", "embed")),
+                                (c.vocab_size, c.dim), jnp.float32)
+        self.patch_encoder, self.patch_decoder = patch_layers(c)
+        self.transformer = Transformer(c, name="transformer")
+        self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype),
+                             name="lm_head")
+
+    def __call__(self, batch, noised_images, timesteps):
+        x, images = self._embed(batch, noised_images, timesteps)
+        h = self.transformer(x, batch["segment_ids"], batch["mask_pos"], batch["positions"])
+        return self._outputs(h, batch, images)
+
+    def extend(self, chunk, noised_images, timesteps, cache, logits: bool = True):
+        """Decoding: run a chunk of elements against a KVCache (kv_cache.py) -> (outputs, cache
+        with the chunk written; its `length` unchanged). `chunk` has the batch-contract keys
+        except targets/weights, in cache coordinates (see kv_cache.py); `noised_images` may be
+        None for a text-only chunk. `logits=False` skips the LM head (denoising steps)."""
+        x, images = self._embed(chunk, noised_images, timesteps)
+        h, cache = self.transformer(x, chunk["segment_ids"], chunk["mask_pos"],
+                                    chunk["positions"], cache)
+        return self._outputs(h, chunk, images, logits), cache
+
+    def _embed(self, batch, noised_images, timesteps):
+        """Sequence inputs [B, L, D] (token embeddings, patch vectors where patch_index >= 0) and
+        what the outputs need of the images (None without images)."""
+        c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+        text = jnp.take(self.embed, batch["tokens"], axis=0).astype(dtype)
+        if noised_images is None:
+            return constrain(text, ("batch", "length", "embed")), None
+        b, m, size, _, ch = noised_images.shape
+        if size != c.latent_size or ch != c.latent_channels:
+            raise ValueError(f"noised_images {noised_images.shape}: expected [B, M, "
+                             f"{c.latent_size}, {c.latent_size}, {c.latent_channels}] "
+                             "(model.latent_size, model.latent_channels)")
+        t = timesteps.reshape(b * m)
+        grid, skips = self.patch_encoder(noised_images.reshape(b * m, size, size, ch), t)
+        gh, gw = grid.shape[1:3]
+        patches = grid.reshape(b, m * gh * gw, c.dim).astype(dtype)
+
+        index = batch["patch_index"]
+        from_patch = jnp.take_along_axis(patches, jnp.maximum(index, 0)[..., None], axis=1)
+        x = jnp.where((index >= 0)[..., None], from_patch, text)
+        return constrain(x, ("batch", "length", "embed")), (t, skips, (b, m, gh, gw, size, ch))
+
+    def _outputs(self, h, batch, images, logits: bool = True):
+        """{"logits" [B, L, V] (when asked), "eps" [B, M, H, W, C] (when there are images)}."""
+        out = {}
+        if logits:
+            out["logits"] = constrain(self.lm_head(h).astype(jnp.float32),
+                                      ("batch", "length", "vocab"))
+        if images is not None:
+            t, skips, (b, m, gh, gw, size, ch) = images
+            rows = batch["patch_positions"].reshape(b, m * gh * gw, 1)
+            per_patch = jnp.take_along_axis(h, rows, axis=1).reshape(b * m, gh, gw, self.cfg.dim)
+            eps = self.patch_decoder(per_patch, skips, t).astype(jnp.float32)
+            out["eps"] = eps.reshape(b, m, size, size, ch)
+        return out

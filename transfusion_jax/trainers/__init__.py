@@ -1,0 +1,2 @@
+"""Trainers: thin loops over core/ (`transfusion`, `autoencoder`). Only entry points import
+them."""

@@ -1,0 +1,352 @@
+"""The Transfusion trainer.
+
+    python -m transfusion_jax.train --config experiments/transfusion.py:tiny --workdir DIR \
+        [--config.key=value ...]            (the entry point: transfusion_jax/train.py)
+
+Reads top to bottom: config checks, the step (pixels -> frozen autoencoder -> noise -> model ->
+loss -> AdamW), then the loop (mesh, data, state or resume, compile once, steps, metrics one step
+late, checkpoints, evaluators of config.evals at their interval, preemption). Batch t is a
+function of (seed, t): the data order comes from the pipeline's seeded, checkpointed iterator
+and the step's noise from fold_in(seed key, t), so a resumed run continues bit for bit.
+
+Multi-host: the same command runs as one process per host (core/distributed.py,
+launch/). Every process runs this program on the global mesh and feeds its rows of each batch
+(data/host_data.py); process 0 alone writes the config, logs and metrics; all save and restore the
+checkpoints together.
+"""
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from transfusion_jax import diffusion, objectives
+from transfusion_jax.core import checkpoint, distributed, flops, optim, sharding, train_state
+from transfusion_jax.core.metrics import MetricsWriter
+from transfusion_jax.core.preemption import Preemption
+from transfusion_jax.data import latent_records
+from transfusion_jax.data.config import check_fits, validate_data_config
+from transfusion_jax.data.host_data import HostData, process_rows
+from transfusion_jax.data.tokenizer import get_tokenizer
+from transfusion_jax.evaluators import common as evaluators
+from transfusion_jax.models import Transfusion, example_inputs, patches_per_image
+from transfusion_jax.models.autoencoder import codec as codec_lib
+from transfusion_jax.models.autoencoder import loader
+
+# ============================================================================ config checks
+
+
+def check_config(config, num_devices: int):
+    """The run's one validation pass, after command-line overrides and before anything is
+    written: impossible combinations fail naming the fields and the allowed values. (The frozen
+    autoencoder's channels are checked once it is loaded, `codec.check`.)"""
+    model, data = config.model, config.data
+    validate_data_config(data)
+    mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
+    data_parallel = mesh["data"] * mesh["fsdp"]
+    if data.batch_size % (data_parallel * config.grad_accum):
+        raise ValueError(
+            f"data.batch_size={data.batch_size} must be divisible by mesh data*fsdp={data_parallel} "
+            f"times grad_accum={config.grad_accum}")
+    for field in ("heads", "mlp_dim", "vocab_size"):
+        if model[field] % mesh["tensor"]:
+            raise ValueError(f"model.{field}={model[field]} must be divisible by mesh.tensor="
+                             f"{mesh['tensor']}")
+    patch_dim = model.patch_size ** 2 * model.latent_channels
+    if model.patch == "linear" and patch_dim > model.dim:
+        raise ValueError(
+            f"model.patch_size={model.patch_size} with model.latent_channels={model.latent_channels} "
+            f"makes {patch_dim}-dim patches, wider than model.dim={model.dim}: a linear patch layer "
+            f"cannot carry them (the noise prediction error cannot fall below about "
+            f"{1 - model.dim / patch_dim:.2f}); use a smaller patch_size, a larger dim or patch=unet")
+    if model.dim % model.heads:
+        raise ValueError(f"model.dim={model.dim} must be divisible by model.heads={model.heads}")
+    check_fits(data, patches_per_image(model))  # an image plus BOI and EOI must fit in a row
+    autoencoder = config.autoencoder
+    codec_lib.check_kind(autoencoder)
+    if data.image_size != model.latent_size * autoencoder.downsample:
+        raise ValueError(f"data.image_size={data.image_size} must equal model.latent_size="
+                         f"{model.latent_size} * autoencoder.downsample={autoencoder.downsample}")
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"ema_decay={config.ema_decay}: expected 0 (off) or in (0, 1)")
+    if config.grad_accum < 1:
+        raise ValueError(f"grad_accum={config.grad_accum}: expected an integer >= 1")
+    optim.learning_rate(config.optimizer, config.total_steps)  # checks warmup_steps
+    evaluators.check_config(config.get("evals"))
+
+
+# ============================================================================ the step
+
+
+def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTITY):
+    """train_step(state, batch, ae_variables) -> (state, metrics); pure, for jit with donation.
+
+    The frozen autoencoder's weights come in as `ae_variables` (no gradient flows to them).
+    A batch with `latents` (precomputed raw means, transfusion_jax.precompute) skips the
+    encoder; a batch with `images` (pixels) is encoded here."""
+    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    lr = optim.learning_rate(config.optimizer, config.total_steps)
+    accum = config.grad_accum
+
+    def loss_fn(params, batch, xt, t, noise, normalizers):
+        out = model.apply({"params": params}, batch, xt, t)
+        return objectives.transfusion_loss(out, batch, noise, config.diffusion.ddpm_weight,
+                                           normalizers)
+
+    def micro(x):  # [B, ...] -> [A, B/A, ...]; microbatch i takes rows i, i+A, ... of every shard
+        return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
+
+    def grads_and_metrics(params, inputs, normalizers):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if accum == 1:
+            (_, metrics), grads = grad_fn(params, *inputs, normalizers)
+            return grads, metrics
+
+        def body(acc, mb):
+            (_, metrics), grads = grad_fn(params, *mb, normalizers)
+            return jax.tree.map(jnp.add, acc, (grads, metrics)), None
+
+        zeros = jax.eval_shape(lambda: grad_fn(params, *jax.tree.map(lambda x: x[0],
+                                                                     jax.tree.map(micro, inputs)),
+                                               normalizers))
+        acc = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+        (grads, metrics), _ = jax.lax.scan(body, acc, jax.tree.map(micro, inputs))
+        return grads, metrics
+
+    def train_step(state, batch, ae_variables=None):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        key_t, key_noise = jax.random.split(key)
+        if "latents" in batch:
+            x0 = codec.normalize(batch["latents"])
+        else:
+            x0 = codec.encode(jax.lax.stop_gradient(ae_variables), batch["images"])
+        t = diffusion.sample_timesteps(key_t, batch["max_timestep"])
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+        xt = diffusion.q_sample(schedule, x0, t, noise)
+        model_batch = {key: value for key, value in batch.items()
+                       if key not in ("images", "latents")}
+        normalizers = (batch["text_weights"].sum(), batch["image_mask"].sum().astype(jnp.float32))
+        grads, metrics = grads_and_metrics(state.params, (model_batch, xt, t, noise), normalizers)
+
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = state.ema_params
+        if ema is not None:
+            ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
+                               ema, params)
+        # A non-finite step changes nothing: the loop stops and the last checkpoint stays good.
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                                  opt_state=keep(opt_state, state.opt_state),
+                                  ema_params=keep(ema, state.ema_params))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=lr(state.step),
+                       finite=finite.astype(jnp.float32))
+        return new_state, metrics
+
+    return train_step
+
+
+# ============================================================================ the state
+
+
+def model_and_optimizer(config):
+    return Transfusion(config.model), optim.make_optimizer(config.optimizer, config.total_steps)
+
+
+def make_init_fn(config, model, tx, inputs):
+    """init_fn(rng) -> the boxed TrainState (params carry logical axis names), for core's
+    sharded creation (train_state.create_state / abstract_state)."""
+    def init_fn(rng):
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
+        params = model.init(rng, *zeros)["params"]
+        ema = jax.tree.map(jnp.copy, params) if config.ema_decay else None
+        return train_state.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                      opt_state=tx.init(params), ema_params=ema,
+                                      rng=jax.random.key_data(rng))
+    return init_fn
+
+
+# ============================================================================ the loop
+
+
+def train(config, workdir: str, data_streams: int | None = None) -> dict:
+    """Runs (or resumes) training in `workdir`; returns the last step's metrics.
+
+    `data_streams`: how many data streams make a batch (data/host_data.py); default: the process
+    count of the run's first start. A resumed run reads it from the checkpoint."""
+    check_config(config, jax.device_count())
+    codec = loader.load_codec(config.autoencoder)  # the frozen autoencoder (weights on one device)
+    codec_lib.check(codec, config.model)
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.write_config(workdir, config)
+
+    # --- mesh
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_from_config(config.sharding_rules)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # --- data: process 0 trains the tokenizer into the workdir, the others then load it
+    tokenizer = distributed.first_then_others("tokenizer",
+                                              lambda: get_tokenizer(config.data, workdir))
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
+                         f"tokenizer's {tokenizer.vocab_size}")
+    manager = checkpoint.make_manager(workdir, every=1, keep=config.keep_checkpoints)
+    start = manager.latest_step() or 0
+    streams = _data_streams(manager, start, data_streams)
+    model_cfg = config.model
+    precomputed = config.data.image_source == "latents"
+    if precomputed:  # the latents must come from the VAE whose statistics normalise them
+        latent_records.check_autoencoder(config.data.latents_dir, config.autoencoder.checkpoint)
+    latent_shape = (model_cfg.latent_size, model_cfg.latent_size, model_cfg.latent_channels)
+    pipeline = HostData(config.data, patches_per_image=patches_per_image(model_cfg),
+                        tokenizer=tokenizer, num_streams=streams,
+                        rows=process_rows(batch_sharding, config.data.batch_size),
+                        latent_shape=latent_shape if precomputed else None)
+
+    # --- the frozen autoencoder, replicated: every device encodes its own rows' images
+    replicated = NamedSharding(mesh, PartitionSpec())
+    ae_variables = jax.tree.map(  # from host copies: works when the mesh spans processes
+        lambda h: jax.make_array_from_callback(h.shape, replicated, lambda i: h[i]),
+        jax.device_get(codec.variables))  # one copy to the host, not one per local device
+
+    # --- model and state (restored when the workdir has a checkpoint)
+    model, tx = model_and_optimizer(config)
+    init_fn = make_init_fn(config, model, tx,
+                           example_inputs(config.model, config.data.seq_len, pipeline.max_images))
+    if start:
+        abstract = train_state.abstract_state(init_fn, mesh, config.sharding_rules)
+        state, data_states = checkpoint.restore(manager, start, abstract, pipeline.streams)
+        pipeline.set_state(data_states)
+        distributed.log(f"resumed from {workdir}/checkpoints/{start}")
+    else:
+        state = train_state.create_state(init_fn, mesh, config.sharding_rules, config.seed)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    # --- compile once, log memory
+    step_fn = jax.jit(make_train_step(config, model, tx, codec), donate_argnums=0,
+                      in_shardings=(shardings, batch_sharding, None),
+                      out_shardings=(shardings, None))
+
+    def next_batch():
+        local = next(pipeline)
+        return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batch = next_batch()
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch, ae_variables).compile()
+        _log_compile(compiled, time.perf_counter() - t0)
+
+    elements = config.data.batch_size * config.data.seq_len
+    step_flops = flops.flops_per_step(config.model, config.data.batch_size, config.data.seq_len)
+    peak, peak_source = flops.peak_flops()
+    peak *= jax.device_count()
+    writer = MetricsWriter(workdir, config.total_steps, resume_step=start)
+    preemption = Preemption()
+    stop_at = config.stop_at_step or config.total_steps
+
+    def report(step, metrics, data_metrics, seconds):
+        logged = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        logged.update({f"data/{k}": v for k, v in data_metrics.items()})
+        logged.update(elements_per_s=elements / seconds, flops_per_s=step_flops / seconds,
+                      mfu=step_flops / seconds / peak)
+        writer.write(step, logged)
+        if step % config.log_every == 0 or step == config.total_steps:
+            writer.progress(step, logged)
+        if not logged["finite"]:
+            manager.wait_until_finished()
+            raise FloatingPointError(
+                f"loss or gradient not finite at step {step}; stopping. Last good checkpoint: "
+                f"{manager.latest_step()} in {workdir}/checkpoints")
+        return logged
+
+    # --- evaluators of config.evals, built once (single-process runs for now)
+    evals = evaluators.from_config(
+        config.get("evals"), evaluators.Context(config, tokenizer, codec, workdir),
+        scheduled_only=True)
+    if evals and jax.process_count() > 1:
+        distributed.log("evals: evaluators run in single-process runs only; run "
+                        "python -m transfusion_jax.evaluate on the checkpoints")
+        evals = []
+
+    def evaluate(step, state):
+        due = [e for e in evals if e.due(step, config.total_steps)]
+        if due:  # on host copies, outside the mesh: as `python -m transfusion_jax.evaluate` runs
+            params = state.ema_params if state.ema_params is not None else state.params
+            with nn.logical_axis_rules(()):
+                results = evaluators.run(due, {"params": jax.device_get(params)}, step, workdir)
+            writer.add_scalars(step, {f"eval/{key}": value for key, value in results.items()})
+
+    def save(step, state):  # every process, with the data streams it owns
+        checkpoint.save(manager, step, state, pipeline.get_state(), force=True,
+                        num_streams=streams)
+
+    pending, last, step = None, {}, start
+    t_prev = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            for step in range(start + 1, min(stop_at, config.total_steps) + 1):
+                state, metrics = compiled(state, batch, ae_variables)
+                data_metrics = pipeline.metrics()  # counters after this step's batch
+                preempted = preemption.reached(step)
+                if step % config.checkpoint_every == 0 or preempted:
+                    save(step, state)
+                if pending is not None:  # the previous step's metrics: logging never blocks
+                    last = report(*pending)
+                now = time.perf_counter()
+                pending, t_prev = (step, metrics, data_metrics, now - t_prev), now
+                if any(e.due(step, config.total_steps) for e in evals):
+                    evaluate(step, state)
+                    t_prev = time.perf_counter()  # evaluating is not the next step's time
+                if preempted:
+                    break
+                if step < config.total_steps:
+                    batch = next_batch()
+            if pending is not None:
+                last = report(*pending)
+        if manager.latest_step() != step:
+            save(step, state)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        pipeline.close()
+    distributed.log(f"stopped at step {step}. checkpoints: {workdir}/checkpoints  metrics: "
+                    f"{workdir}/metrics.jsonl  tensorboard: {workdir}/tensorboard  "
+                    f"(peak: {peak_source})")
+    return last
+
+
+def _data_streams(manager, start: int, requested: int | None) -> int:
+    """The run's number of data streams: the checkpoint's when resuming, else `requested` or
+    the process count."""
+    if not start:
+        if requested is not None and requested < 1:
+            raise ValueError(f"--data_streams={requested}: expected an integer >= 1")
+        return requested or jax.process_count()
+    saved = checkpoint.data_streams(manager, start)
+    if requested is not None and requested != saved:
+        raise ValueError(f"--data_streams={requested}, but the checkpoint at step {start} was "
+                         f"written with {saved} data streams: a run keeps its streams (drop "
+                         "the flag to continue with them)")
+    if saved != jax.process_count():
+        distributed.log(f"{saved} data streams over {jax.process_count()} processes: each "
+                        "process reads the streams of its rows (data/host_data.py)")
+    return saved
+
+
+def _log_compile(compiled, seconds: float):
+    mem = compiled.memory_analysis()
+    parts = [f"compiled the train step in {seconds:.1f}s"]
+    if mem is not None:
+        gib = lambda b: f"{b / 2**30:.3f} GiB"
+        parts.append(f"per-device memory: arguments {gib(mem.argument_size_in_bytes)}, "
+                     f"temporaries {gib(mem.temp_size_in_bytes)}, "
+                     f"outputs {gib(mem.output_size_in_bytes)}")
+    distributed.log("; ".join(parts))
