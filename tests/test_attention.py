@@ -25,6 +25,7 @@ def _qkv(key, b, length, h=2, d=8):
     return [jax.random.normal(k, (b, length, h, d)) for k in jax.random.split(key, 3)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block", [8, 16, 64])
 def test_blockwise_equals_dense_values_and_gradients(block):
     batch, info = _random_rows(7)

@@ -50,6 +50,7 @@ def variables(kind, seed=0, **overrides):
     return model, out, abstract
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["identity", "vae", "vq"])
 def test_shapes(kind):
     model, v, _ = variables(kind)
@@ -126,6 +127,7 @@ def test_vq_lookup_commitment_and_straight_through():
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vq_ema_update_and_dead_code_restart():
     cfg = config("vq")
     model, v, _ = variables("vq")

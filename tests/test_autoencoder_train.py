@@ -20,6 +20,7 @@ from transfusion_jax.evaluators import common as evaluators, reconstruction
 from transfusion_jax.models.autoencoder.model import Autoencoder
 
 
+@pytest.mark.slow
 def test_tiny_vq_run(tmp_path):
     config = load_config("experiments/autoencoder.py:tiny,kind=vq")
     config.total_steps, config.evals.heldout.every, config.loss.gan_start_step = 2, 2, 0
@@ -73,6 +74,7 @@ def vae_runs(tmp_path_factory):
     return straight, resumed
 
 
+@pytest.mark.slow
 def test_vae_resume_is_bit_exact(vae_runs):
     straight, resumed = vae_runs
     _, a, stats_a = loader.load_frozen(straight)
@@ -85,6 +87,7 @@ def test_vae_resume_is_bit_exact(vae_runs):
     assert lines(resumed) == lines(straight)
 
 
+@pytest.mark.slow
 def test_codec_normalises_and_inverts(vae_runs):
     """loader.load_codec: (mean - shift) * scale has zero mean and unit std on the held-out images
     the statistics were measured on; decode undoes the normalisation."""

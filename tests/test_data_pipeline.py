@@ -62,6 +62,7 @@ def test_same_seed_same_batches(tok):
     assert not same(run(3), run(4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_restore_state_continues_identically(tok, workers):
     c = small(worker_count=workers)
@@ -138,6 +139,7 @@ def _segments(batch):
                    batch["max_timestep"][b])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [1.0, 0.5])
 def test_text_to_patch_ratio_and_caption_first_rate_over_1000_rows(tok, ratio):
     c = small(batch_size=8, text_to_patch_ratio=ratio)

@@ -51,6 +51,7 @@ def prompt_from_row(batch, images, lengths):
     return gen.Prompt(chunk, images, jnp.asarray(lengths, jnp.int32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["dense", "blockwise"])
 def test_cached_text_decoding_equals_full_recompute(attention):
     """Two rows of different prompt lengths: prefill, decode text token by token (an image in
@@ -94,6 +95,7 @@ def test_cached_text_decoding_equals_full_recompute(attention):
                                    err_msg=f"row {r}, element {i}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch", ["linear", "unet"])
 def test_cached_denoising_step_equals_full_forward(patch):
     """Prefix = text, an earlier (clean) image, text, BOI; the P noisy patches against the cache
@@ -157,6 +159,7 @@ def text_prompts(cfg, rows, seed=0):
     return gen.build_prompt([[rng.integers(5, 400, n), [BOI]] for n in rows], cfg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler,steps", [("dpm++2m", 5)])  # second order: uses x0_prev
 def test_cached_text_to_image_equals_full_recompute_with_guidance(sampler, steps):
     cfg = tiny()
@@ -188,6 +191,7 @@ def generator(cfg, **image):
                          gen.TextSampling(temperature=1.0, top_k=50))
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_and_guidance_one_is_conditional():
     cfg = tiny()
     params = random_params(cfg)
@@ -228,6 +232,7 @@ def sequence_batch(tokens, p):
     return batch, where
 
 
+@pytest.mark.slow
 def test_mixed_generation_rows_in_different_modes_match_the_full_sequence():
     """Row 0 starts with an image (its prompt ends in BOI) while row 1 writes text; greedy text.
     Every generated text token is the argmax (banned ids aside) of a full forward over the whole

@@ -21,6 +21,7 @@ class FakeTokenizer:
         return "".join(chr(int(i) - 10) if int(i) >= 10 else "" for i in ids)
 
 
+@pytest.mark.slow
 def test_every_task_writes_grids_and_text(tmp_path):
     config = load_config("experiments/transfusion.py:tiny")
     params = random_params(config.model)
@@ -56,6 +57,7 @@ def test_sampling_options_are_checked():
         Sampling(num_samples=0)
 
 
+@pytest.mark.slow
 def test_images_as_arrays_caption_as_their_png_files_do(tmp_path):
     """Evaluators pass uint8 arrays, the CLI passes PNG paths: the same captions come out."""
     config = load_config("experiments/transfusion.py:tiny")

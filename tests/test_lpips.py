@@ -94,6 +94,7 @@ def images(n, size, seed):
     return x, np.clip(x + noise, -1, 1)
 
 
+@pytest.mark.slow
 def test_parity_with_lpips_package(reference):
     model, vgg_path, lin_path = reference
     params = jlpips.load_params(vgg_path, lin_path)
@@ -107,6 +108,7 @@ def test_parity_with_lpips_package(reference):
     assert ref.min() > 1e-3, "pairs must be at a non-trivial distance for the test to mean much"
 
 
+@pytest.mark.slow
 def test_identical_images_and_gradient_finite(reference):
     _, vgg_path, lin_path = reference
     params = jlpips.load_params(vgg_path, lin_path)

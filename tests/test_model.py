@@ -61,6 +61,7 @@ def _changed(apply, o1, batch2, x2, t2, cfg, info, batch):
     return (diff > 1e-5) & valid, diff
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", ["dense", "blockwise"])
 def test_perturbing_one_element_changes_exactly_what_may_see_it(attention):
     cfg = tiny(attention=attention, attention_block=32)
@@ -91,6 +92,7 @@ def test_perturbing_one_element_changes_exactly_what_may_see_it(attention):
     assert checked["text"] > 20 and checked["patch"] > 50
 
 
+@pytest.mark.slow
 def test_document_packed_with_others_equals_document_alone():
     cfg = tiny()
     p = patches_per_image(cfg)
@@ -120,6 +122,7 @@ def _loss_fn(model, batch, x, t):
     return loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch", ["linear", "unet"])
 def test_blockwise_model_equals_dense_in_values_and_gradients(patch):
     dense = tiny(patch=patch)
@@ -133,6 +136,7 @@ def test_blockwise_model_equals_dense_in_values_and_gradients(patch):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4), g_d, g_b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("patch", ["linear", "unet"])
 def test_sharded_forward_on_2x2x2_mesh_equals_single_device(patch):
     cfg = load_config(f"experiments/transfusion.py:tiny,patch={patch}")
@@ -208,6 +212,7 @@ def test_wrong_latent_shape_names_the_fields():
         model.apply(params, batch, x[:, :, :4], t)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_outputs():
     cfg = tiny(dtype="bfloat16")
     model, params, batch, info, x, t = setup_model(cfg)

@@ -89,6 +89,7 @@ def _tail(logs):
     return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.glob("*.log")))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_the_checkpoint_moves_to_another_mesh(tmp_path):
     """Acceptance: (1) 2 processes x 4 devices give the losses of 1 process x 8 devices on the
     same 2x2x2 mesh; (2) the 2-process checkpoint restores in 1 process of 4 devices on an
@@ -136,6 +137,7 @@ def test_stream_rows_names_the_batch_size():
         stream_rows(8, 3, 0, 8)
 
 
+@pytest.mark.slow
 def test_processes_sharing_a_stream_feed_its_halves(tmp_path):
     """A 1-stream run continued on 2 processes: each reads the stream, keeps its half, and the
     halves (and the restored states) make the batches of the 1-process run."""

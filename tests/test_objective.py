@@ -3,8 +3,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
+import pytest
 
-from transfusion_jax import diffusion, objectives as losses
+from transfusion_jax import diffusion, objectives
 from transfusion_jax.core import optim
 from transfusion_jax.core.config import load_config
 from transfusion_jax.models import Transfusion, patches_per_image
@@ -41,6 +42,7 @@ def test_timesteps_honour_max_timestep():
     assert t[:, 1].max() == 499 and t[:, 1].min() == 0  # image-first: noise limited to T/2
 
 
+@pytest.mark.slow
 def test_loss_ignores_boi_inputs_patches_padding_and_empty_slots():
     p = 4
     batch, info = build_rows([[[2, "image", 1]]], 16, 2, p)  # BOS a b BOI p p p p EOI c EOS pad..
@@ -51,7 +53,7 @@ def test_loss_ignores_boi_inputs_patches_padding_and_empty_slots():
     noise = jnp.zeros_like(eps_hat)
 
     def total(logits, eps_hat):
-        return losses.transfusion_loss({"logits": logits, "eps": eps_hat}, batch, noise)[0]
+        return objectives.transfusion_loss({"logits": logits, "eps": eps_hat}, batch, noise)[0]
 
     g_logits, g_eps = jax.grad(total, (0, 1))(logits, eps_hat)
     touched = np.abs(np.asarray(g_logits[0])).sum(-1) > 0
@@ -61,13 +63,14 @@ def test_loss_ignores_boi_inputs_patches_padding_and_empty_slots():
     assert not touched[is_boi | is_patch | is_pad].any()
     assert touched[:3].all() and touched[8:10].all()
     assert np.abs(np.asarray(g_eps[0, 1])).sum() == 0  # slot 1 unused
-    _, metrics = losses.transfusion_loss({"logits": logits, "eps": eps_hat}, batch, noise)
+    _, metrics = objectives.transfusion_loss({"logits": logits, "eps": eps_hat}, batch, noise)
     assert metrics["text_tokens"] == 5 and metrics["images"] == 1
     per_image = float(jnp.mean(eps_hat[0, 0] ** 2))
     np.testing.assert_allclose(metrics["diffusion_loss"], per_image, rtol=1e-6)
     np.testing.assert_allclose(metrics["loss"], metrics["lm_loss"] + 5 * per_image, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_adamw_overfits_one_batch():
     """100 AdamW steps on one fixed batch (fixed noise and timesteps) cut both losses 5x."""
     config = load_config("experiments/transfusion.py:tiny")
@@ -90,7 +93,7 @@ def test_adamw_overfits_one_batch():
     @jax.jit
     def step(params, state):
         def loss_fn(params):
-            return losses.transfusion_loss(model.apply(params, batch, xt, t), batch, noise)
+            return objectives.transfusion_loss(model.apply(params, batch, xt, t), batch, noise)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, state = tx.update(grads, state, params)
         return jax.tree.map(lambda a, u: a + u, params, updates), state, metrics

@@ -100,6 +100,7 @@ def source_images(record) -> list:
 
 # ---------------------------------------------------------------- precompute: what it writes
 
+@pytest.mark.slow
 def test_vae_round_trip(latents_dir, vae_dir, codec):
     manifest = latent_records.read_manifest(latents_dir)
     assert manifest["kind"] == "vae" and manifest["dtype"] == "float32"
@@ -176,6 +177,7 @@ def test_vq_ids_round_trip_and_overwrite(vq_dir, tmp_path):
                       patches_per_image=P, tokenizer=None, shard_index=0, shard_count=1)
 
 
+@pytest.mark.slow
 def test_images_that_fail_to_load_are_skipped_for_the_same_reason(tmp_path, vae_dir, tok):
     Image.new("RGB", (20, 24), (200, 30, 30)).save(tmp_path / "good.png")
     (tmp_path / "corrupt.png").write_bytes(b"not a png")
@@ -208,6 +210,7 @@ def test_images_that_fail_to_load_are_skipped_for_the_same_reason(tmp_path, vae_
     assert reasons == ["skipped_corrupt_image", "skipped_missing_image", "skipped_empty_caption"]
 
 
+@pytest.mark.slow
 def test_precompute_errors_name_the_field(tmp_path, vae_dir):
     config = ml_collections.ConfigDict({"data": tiny_data()})
     with pytest.raises(ValueError, match="--autoencoder: none given"):
@@ -231,6 +234,7 @@ def test_precompute_errors_name_the_field(tmp_path, vae_dir):
 
 # ---------------------------------------------------------------- the pipeline reading them
 
+@pytest.mark.slow
 def test_pipeline_batches_equal_the_pixel_pipeline(latents_dir, codec, tok):
     def batches(**kw):
         p = make_pipeline(tiny_data(**kw), patches_per_image=P, tokenizer=tok, shard_index=0,
@@ -253,6 +257,7 @@ def test_pipeline_batches_equal_the_pixel_pipeline(latents_dir, codec, tok):
         assert not b["latents"][~used].any()  # empty slots: zeros, as empty pixel slots
 
 
+@pytest.mark.slow
 def test_latents_dir_errors_name_the_field(latents_dir, tmp_path, tok):
     def pipeline(latent_shape=None, patches=P, **kw):
         data = get_data_config(**{"image_source": "latents", "latents_dir": latents_dir,
@@ -285,6 +290,7 @@ def test_latents_dir_errors_name_the_field(latents_dir, tmp_path, tok):
 
 # ---------------------------------------------------------------- the trainer
 
+@pytest.mark.slow
 def test_precomputed_matches_on_the_fly(latents_dir, vae_dir, tmp_path):
     """Same seed, same batches: the loss of every step is the same whether the step encodes the
     pixels or normalises the precomputed means."""

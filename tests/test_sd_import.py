@@ -49,6 +49,7 @@ def reference(tmp_path_factory):
     return model, str(path)
 
 
+@pytest.mark.slow
 def test_parity_with_diffusers(reference):
     torch_model, path = reference
     cfg, variables, scaling, shift = load_sd_vae(path)

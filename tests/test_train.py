@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from transfusion_jax.core import sharding, train_state
 from transfusion_jax.core.config import load_config
@@ -58,6 +59,7 @@ def single_device_run():
     return run_steps(cfg, {"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [{"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}],
                          ids=["data", "fsdp", "fsdp+tensor"])
 def test_sharded_steps_equal_single_device(mesh, single_device_run):
@@ -72,6 +74,7 @@ def test_sharded_steps_equal_single_device(mesh, single_device_run):
         assert mu.sharding.spec == state.params["embed"].sharding.spec
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_whole_batch(single_device_run):
     cfg = load_config(TINY)
     cfg.grad_accum = 4
@@ -123,6 +126,7 @@ def metrics_lines(workdir):
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
 
 
+@pytest.mark.slow
 def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
     """100 steps straight; then 50 + stop + resume 50: same metrics lines, bit-equal params."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -142,7 +146,21 @@ def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((straight / "evals" / "50.json").read_text()) == during_training
     assert json.loads(again.stdout) == during_training
+    # The generate entry point on the same workdir (latest checkpoint).
+    png = tmp_path / "scene.png"
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(png)
+    made = subprocess.run([sys.executable, "-m", "transfusion_jax.generate", "--workdir",
+                           str(straight), "--prompt", "a red circle", "--image", str(png),
+                           "--num-samples", "1", "--sampler", "ddim", "--steps", "2",
+                           "--max-new-tokens", "4"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert made.returncode == 0, made.stderr[-3000:]
+    records = [json.loads(line) for line in
+               (straight / "generations" / "generations.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in records] == ["text_to_image", "image_to_text"]
+    assert records[0]["images"] == 1 and (straight / "generations" / "text_to_image.png").exists()
     assert "checkpoints:" in out.stderr and "tensorboard" in out.stderr
+    assert "checkpoint_manager.py" not in out.stderr  # no absl/Orbax INFO flood by default
     lines = metrics_lines(straight)
     assert [m["step"] for m in lines] == list(range(1, 101))
     first = np.mean([m["loss"] for m in lines[:10]])
@@ -162,6 +180,7 @@ def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
         assert np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_the_run_continues(tmp_path):
     proc = cli(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=100000",
                wait=False)
@@ -175,8 +194,10 @@ def test_sigterm_checkpoints_and_the_run_continues(tmp_path):
     assert "SIGTERM" in err
     stopped = int(err.split("stopped at step ")[1].split(".")[0])
     assert stopped >= 3 and os.listdir(tmp_path / "checkpoints") == [str(stopped)]
-    out = cli(tmp_path, "--config.total_steps=100000", f"--config.stop_at_step={stopped + 2}")
+    out = cli(tmp_path, "--config.total_steps=100000", f"--config.stop_at_step={stopped + 2}",
+              "--verbosity=0")
     assert out.returncode == 0 and f"resumed from {tmp_path}/checkpoints/{stopped}" in out.stderr
+    assert "checkpoint_manager.py" in out.stderr  # --verbosity brings the INFO lines back
     assert [m["step"] for m in metrics_lines(tmp_path)][-3:] == [stopped, stopped + 1, stopped + 2]
 
 
@@ -185,6 +206,7 @@ def test_sigterm_checkpoints_and_the_run_continues(tmp_path):
     (["--config.model.dim=abc"], "--config.model.dim=abc"),
     (["--config.data.batch_size=3"], "data.batch_size=3"),
 ])
+@pytest.mark.slow
 def test_bad_overrides_fail_at_start_naming_the_key(tmp_path, args, message):
     out = cli(tmp_path, *args)
     assert out.returncode != 0

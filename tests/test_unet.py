@@ -55,6 +55,7 @@ def random_pair(k, seed=0, dtype=jnp.float32):
     return down, up, randomized(vd, seed), randomized(vu, seed + 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_shapes(k):
     down, up, pd, pu = random_pair(k)
@@ -67,6 +68,7 @@ def test_shapes(k):
     assert np.all(np.isfinite(eps))
 
 
+@pytest.mark.slow
 def test_real_init():
     """The modules' own init (rbg keys: threefry init compiles several times slower on CPU)."""
     down, up, vd_shape, vu_shape = abstract(2)
@@ -139,6 +141,7 @@ def test_images_are_independent():
         assert not np.allclose(a[1], b[1])
 
 
+@pytest.mark.slow
 def test_every_param_gets_gradient():
     down, up, pd, pu = random_pair(2, seed=8)
     x, t = inputs()

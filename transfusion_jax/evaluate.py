@@ -21,6 +21,7 @@ from transfusion_jax.models.autoencoder import loader
 
 def evaluate(workdir: str, step: int | None = None, only: tuple[str, ...] = ()) -> dict:
     """{"<name>/<key>": scalar} of the evaluators on the checkpoint at `step` (latest: None)."""
+    checkpoint.read_config(workdir)  # names a folder that is no training workdir
     step = checkpoint.latest_step(workdir) if step is None else step
     config, variables = load_for_inference(workdir, step)
     if not config.get("evals"):

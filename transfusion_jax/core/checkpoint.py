@@ -121,7 +121,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def latest_step(workdir: str) -> int:
-    """The newest saved step of a workdir; FileNotFoundError naming the folder when none."""
+    """The newest saved step of a workdir; FileNotFoundError naming the folder when none
+    (nothing is created: this only reads)."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints")
     manager = make_manager(workdir, every=1, keep=1)
     step = manager.latest_step()
     manager.close()
@@ -140,9 +143,7 @@ def restore_subtrees(workdir: str, names: tuple[str, ...], step: int | None = No
     path = epath.Path(os.path.abspath(workdir)) / "checkpoints" / str(step) / "state"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: no state saved at step {step}")
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(path)
-    saved = getattr(saved, "item_metadata", saved)
+    saved = ocp.PyTreeCheckpointHandler().metadata(path)  # the item's own metadata
     saved = getattr(saved, "tree", saved)
     missing = [n for n in names if n not in saved]
     if missing:
@@ -152,6 +153,7 @@ def restore_subtrees(workdir: str, names: tuple[str, ...], step: int | None = No
                               saved[n]) for n in (*names, *optional) if saved.get(n)}
     if not target:
         return {}
+    checkpointer = ocp.PyTreeCheckpointer()
     out = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
