@@ -69,8 +69,10 @@ def vae_runs(tmp_path_factory):
     resumed = run("resumed", 2)
     config = load_config("experiments/autoencoder.py:tiny,kind=vae")
     config.total_steps, config.checkpoint_every = 4, 100
-    with pytest.warns(UserWarning, match="LPIPS"):
+    with pytest.raises(ValueError, match="total_steps: 2 -> 4"):  # a resume keeps its config
         train_autoencoder.train(config, resumed)
+    with pytest.warns(UserWarning, match="LPIPS"):  # unless the change is named as intended
+        train_autoencoder.train(config, resumed, allow_config_changes=("total_steps",))
     return straight, resumed
 
 

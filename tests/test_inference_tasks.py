@@ -75,3 +75,19 @@ def test_images_as_arrays_caption_as_their_png_files_do(tmp_path):
                             names=["a", "b"])
     assert [r["text"] for r in from_paths] == [r["text"] for r in from_arrays]
     assert [r["input"] for r in from_arrays] == ["a", "b"]
+
+
+@pytest.mark.slow
+def test_missing_or_corrupt_images_and_overlong_prompts_are_named(tmp_path):
+    config = load_config("experiments/transfusion.py:tiny")
+    params = random_params(config.model)
+    sampling = Sampling(num_samples=1, steps=2, max_new_tokens=2)
+    with pytest.raises(ValueError, match="image '.*nowhere.png': missing image"):
+        run_tasks(config, params, FakeTokenizer(), sampling, images=[str(tmp_path / "nowhere.png")])
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="image '.*bad.png': corrupt image"):
+        run_tasks(config, params, FakeTokenizer(), sampling, images=[str(bad)])
+    with pytest.raises(ValueError, match=r"prompt 0 .* is 202 tokens long; the model's context "
+                                         r"\(data.seq_len\) is 128"):
+        run_tasks(config, params, FakeTokenizer(), sampling, prompts=["x" * 200])

@@ -86,6 +86,27 @@ def test_gradient_accumulation_equals_whole_batch(single_device_run):
                  params, ref_params)
 
 
+@pytest.mark.slow
+def test_a_non_finite_update_leaves_the_state_unchanged():
+    """A NaN learning rate (check_config refuses it; the step must hold anyway) keeps loss and
+    gradient finite but poisons the update: the step keeps the old params and says so."""
+    cfg = load_config(TINY)
+    cfg.optimizer.lr = float("nan")
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model, tx = trainer.model_and_optimizer(cfg)
+    init_fn = trainer.make_init_fn(cfg, model, tx, example_inputs(cfg.model, 128, 4))
+    state = train_state.create_state(init_fn, mesh, cfg.sharding_rules, seed=0)
+    before = jax.device_get(state.params)
+    step = jax.jit(trainer.make_train_step(cfg, model, tx))
+    batch = synthetic_batch(cfg)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(cfg.sharding_rules)):
+        for _ in range(2):  # the warmup's first lr is 0 * nan
+            state, metrics = step(state, batch)
+            assert np.isfinite(float(metrics["loss"])) and float(metrics["finite"]) == 0.0
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    assert int(state.step) == 2 and train_state.all_finite(state.opt_state)
+
+
 @pytest.mark.parametrize("override,message", [
     (dict(mesh={"data": 3}), "mesh"),
     (dict(data={"batch_size": 6}), "data.batch_size=6 must be divisible by mesh data*fsdp=8"),
@@ -96,6 +117,21 @@ def test_gradient_accumulation_equals_whole_batch(single_device_run):
     (dict(autoencoder={"kind": "vq"}), "autoencoder.kind='vq'"),
     (dict(optimizer={"warmup_steps": 500}), "optimizer.warmup_steps=500"),
     (dict(model={"patch_size": 8}), "192-dim patches, wider than model.dim=64"),
+    # Each field's range (core/validation.py), before anything is written.
+    (dict(data={"batch_size": 0}), "data.batch_size"),
+    (dict(checkpoint_every=0), "checkpoint_every=0: expected an integer >= 1"),
+    (dict(log_every=0), "log_every=0: expected an integer >= 1"),
+    (dict(keep_checkpoints=0), "keep_checkpoints=0: expected an integer >= 1"),
+    (dict(keep_checkpoints=-1), "keep_checkpoints=-1"),
+    (dict(stop_at_step=-1), "stop_at_step=-1: expected an integer >= 0"),
+    (dict(model={"depth": 0}), "model.depth=0: expected an integer >= 1"),
+    (dict(model={"dtype": "float8"}), "model.dtype='float8': expected one of"),
+    (dict(model={"attention": "blockwsie"}), "model.attention='blockwsie'"),
+    (dict(optimizer={"lr": 0.0}), "optimizer.lr=0.0: expected a finite number > 0"),
+    (dict(optimizer={"lr": float("nan")}), "optimizer.lr=nan"),
+    (dict(optimizer={"lr": -1e-3}), "optimizer.lr=-0.001"),
+    (dict(ema_decay=1.0), "ema_decay=1.0: expected a number in"),
+    (dict(total_steps=0), "total_steps=0"),
 ])
 def test_impossible_configs_name_the_fields(override, message):
     cfg = load_config(TINY)

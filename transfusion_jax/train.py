@@ -23,7 +23,10 @@ def _distributed_flags() -> dict:
         process_id=flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1"),
         data_streams=flags.DEFINE_integer(
             "data_streams", None, "data streams per batch (default: the first run's process "
-            "count; kept by the checkpoint)"))
+            "count; kept by the checkpoint)"),
+        allow_changes=flags.DEFINE_list(
+            "allow_config_changes", [], "config fields (or prefixes) a resume may change from "
+            "the workdir's saved config, e.g. total_steps,optimizer"))
 
 
 def _main(config, workdir, extra):
@@ -31,7 +34,8 @@ def _main(config, workdir, extra):
                                            extra["process_id"], extra["mode"])
     if started:
         distributed.log(f"jax.distributed ({started}): {distributed.describe()}")
-    transfusion.train(config, workdir, data_streams=extra["data_streams"])
+    transfusion.train(config, workdir, data_streams=extra["data_streams"],
+                      allow_config_changes=tuple(extra["allow_changes"]))
 
 
 def main():

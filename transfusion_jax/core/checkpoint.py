@@ -11,16 +11,21 @@ file system or a bucket). The state is written and read shard by shard, so a che
 restores on another mesh or process count. Each data stream's state is written by the one
 process that owns it, and each process reads back the streams it reads.
 """
+import contextlib
 import dataclasses
+import gc
 import json
+import logging
 import os
 import re
+import sys
+import threading
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
-
+from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 ITEMS = ("state", "data")
@@ -76,6 +81,22 @@ def data_streams(manager, step: int) -> int:
         raise ValueError(f"{directory}: expected stream_<s>-of-<S>.json files of one S, found "
                          f"{sorted(f.name for f in directory.iterdir())}")
     return counts.pop()
+
+
+def check_writable(workdir: str) -> None:
+    """Creates workdir/checkpoints and writes a probe file there: a folder that cannot take a
+    checkpoint stops the run at start naming it (Orbax's asynchronous save would fail only at
+    the first checkpoint, in a background thread)."""
+    folder = os.path.join(workdir, "checkpoints")
+    probe = os.path.join(folder, f".write_probe_{jax.process_index()}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{folder} cannot take checkpoints ({type(e).__name__}: "
+                         f"{e.strerror or e}); expected a writable folder") from None
 
 
 def make_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:
@@ -159,3 +180,155 @@ def restore_subtrees(workdir: str, names: tuple[str, ...], step: int | None = No
         partial_restore=True))
     checkpointer.close()
     return dict(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming safely: the new config against the saved one, and damaged checkpoints set aside.
+
+DAMAGED = "checkpoints_damaged"  # beside checkpoints/: what a resume could not read, kept
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _matches(field: str, prefixes) -> bool:
+    return any(field == p or field.startswith(p + ".") for p in prefixes)
+
+
+def has_checkpoints(workdir: str) -> bool:
+    folder = os.path.join(workdir, "checkpoints")
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def check_resume(workdir: str, config, free: tuple[str, ...], allowed: tuple[str, ...] = ()):
+    """Before a resume writes anything: every field whose value differs from the workdir's saved
+    config.json must be `free` (logging, checkpointing, evaluation, mesh: they change neither
+    the model nor the batches) or named in `allowed` (the user's --allow_config_changes, for an
+    intended change such as a longer schedule); else ValueError listing each field, saved and
+    new value. Nothing to check when the workdir has no checkpoint yet."""
+    if not has_checkpoints(workdir):
+        return []
+    saved = _flatten(read_config(workdir).to_dict())
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    changed = sorted(f for f in set(saved) | set(new) if saved.get(f, "<absent>") !=
+                     new.get(f, "<absent>") and not _matches(f, free))
+    refused = [f for f in changed if not _matches(f, allowed)]
+    if refused:
+        lines = "; ".join(f"{f}: {saved.get(f, '<absent>')!r} -> {new.get(f, '<absent>')!r}"
+                          for f in refused)
+        raise ValueError(
+            f"{workdir} holds a run with another config: {lines}. A resume must train the same "
+            f"model on the same batches; use a new --workdir, or name intended changes with "
+            f"--allow_config_changes={','.join(refused)}")
+    return changed
+
+
+def set_aside(manager, step: int, reason: str) -> str:
+    """Moves checkpoints/<step> to checkpoints_damaged/<step> (never deleted; process 0 moves,
+    all processes then re-read the step list) and says which and why."""
+    source = epath.Path(manager.directory) / str(step)
+    root = epath.Path(manager.directory).parent / DAMAGED
+    target, n = root / str(step), 1
+    while target.exists():
+        target, n = root / f"{step}.{n}", n + 1
+    if jax.process_index() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        print(f"warning: checkpoint {source} cannot be restored ({reason}); moved to {target}",
+              file=sys.stderr, flush=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"transfusion_jax:set_aside:{step}")
+    manager.reload()
+    return str(target)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    first = text[0].split(" See full TensorStore details")[0] if text else ""
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+@contextlib.contextmanager
+def _quiet_reader_threads():
+    """While a possibly damaged checkpoint is read: the failure is reported once, by the
+    caller; Orbax's reader threads and tasks would each print theirs ("Event loop is closed",
+    "Task exception was never retrieved": thousands of lines)."""
+    hooks = (threading.excepthook, sys.excepthook, sys.unraisablehook)
+    asyncio_logger = logging.getLogger("asyncio")
+    level = asyncio_logger.level
+    threading.excepthook = sys.unraisablehook = lambda args: None
+    sys.excepthook = lambda *args: None
+    asyncio_logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        gc.collect()  # the failed readers' coroutines, while their reports are still muted
+        threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
+        asyncio_logger.setLevel(level)
+
+
+def newest_readable_step(manager) -> int:
+    """The newest step whose files read back (state metadata, data stream states); newer ones
+    that do not are set aside. 0 for a workdir without checkpoints; FileNotFoundError when it
+    had some and none reads (a fresh start would drop the run's metrics)."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            data_streams(manager, step)
+            for path in (epath.Path(manager.directory) / str(step) / "data").iterdir():
+                if _STREAM_FILE.match(path.name):
+                    json.loads(path.read_bytes())
+            ocp.PyTreeCheckpointHandler().metadata(
+                epath.Path(manager.directory) / str(step) / "state")
+            return step
+        except Exception as e:  # noqa: BLE001 (any failure to read means: not usable)
+            set_aside(manager, step, _reason(e))
+    if steps:
+        raise FileNotFoundError(
+            f"no checkpoint in {manager.directory} could be read; the damaged ones are in "
+            f"{epath.Path(manager.directory).parent / DAMAGED} (move one back, or start a new "
+            "run in a new --workdir)")
+    return 0
+
+
+def check_params_match(manager, step: int, abstract_state) -> None:
+    """ValueError naming the first parameter whose saved shape differs from what the config
+    builds (a model change, which a resume cannot load), before Orbax's own message."""
+    path = epath.Path(manager.directory) / str(step) / "state"
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(path)
+    except Exception:  # noqa: BLE001 (unreadable: the restore says so and sets it aside)
+        return
+    saved = _flatten(dict(getattr(saved, "tree", saved)).get("params") or {})
+    built = _flatten(jax.tree.map(lambda x: x, dict(abstract_state.params)))
+    for name in sorted(set(saved) | set(built)):
+        old = tuple(saved[name].shape) if name in saved else None
+        new = tuple(built[name].shape) if name in built else None
+        if old != new:
+            raise ValueError(f"checkpoint {path}: parameter params.{name} has shape {old}, the "
+                             f"config builds {new}: the model fields changed (a new run needs a "
+                             "new --workdir)")
+
+
+def restore_newest_good(manager, step: int, abstract_state, streams, num_streams: int):
+    """(step, state, data states) of the newest checkpoint from `step` down that restores;
+    those that fail are set aside. A fallback step must have `num_streams` data streams."""
+    while True:
+        check_params_match(manager, step, abstract_state)  # a config change, not damage
+        try:
+            with _quiet_reader_threads():
+                state, data = restore(manager, step, abstract_state, streams)
+            return step, state, data
+        except Exception as e:  # noqa: BLE001
+            set_aside(manager, step, _reason(e))
+        step = newest_readable_step(manager)  # raises when none is left
+        if data_streams(manager, step) != num_streams:
+            raise ValueError(f"checkpoint {manager.directory}/{step}, the newest good one, has "
+                             f"{data_streams(manager, step)} data streams, not {num_streams}: "
+                             "resume again (it is now the latest)")

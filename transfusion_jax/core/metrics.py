@@ -73,10 +73,24 @@ def _duration(seconds: float) -> str:
 
 
 def _truncate_jsonl(path: str, last_step: int):
-    """Keep the records of steps <= last_step (all of them when starting fresh: none exist)."""
+    """Keep the records of steps <= last_step (all of them when starting fresh: none exist).
+    A torn line (a kill in the middle of a write) is dropped with a warning naming it."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                print(f"warning: {path} line {number} is torn or not a metrics record; dropped: "
+                      f"{line.strip()[:80]!r}", file=sys.stderr, flush=True)
+                continue
+            if step <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         f.writelines(kept)
+    os.replace(tmp, path)  # a kill here leaves the old file or the new one, never half of one

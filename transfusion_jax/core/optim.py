@@ -3,6 +3,21 @@ global-norm clipping. Weight decay applies to matrices only (not to norm scales 
 import jax
 import optax
 
+from transfusion_jax.core.validation import fraction, non_negative_int, non_negative_number, \
+    positive_number
+
+# config.optimizer's fields (core/validation.py); warmup_steps < total_steps is learning_rate's.
+RULES = (
+    ("optimizer.lr", positive_number),
+    ("optimizer.final_lr", non_negative_number),
+    ("optimizer.warmup_steps", non_negative_int),
+    ("optimizer.b1", fraction()),
+    ("optimizer.b2", fraction()),
+    ("optimizer.eps", positive_number),
+    ("optimizer.weight_decay", non_negative_number),
+    ("optimizer.grad_clip", positive_number),
+)
+
 
 def learning_rate(opt, total_steps: int) -> optax.Schedule:
     if not 0 <= opt.warmup_steps < total_steps:

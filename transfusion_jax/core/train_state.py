@@ -11,6 +11,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import flax.struct
 import jax
+import jax.numpy as jnp
 
 from transfusion_jax.core import sharding
 
@@ -47,3 +48,11 @@ def create_state(init_fn: InitFn, mesh, rules, seed: int):
     create = jax.jit(lambda key: nn.unbox(init_fn(key)), out_shardings=shardings)
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(rules)):
         return create(jax.random.key(seed))
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf of `tree` is finite (a scalar bool): trainers keep
+    the old state when an update is not, so no checkpoint holds a non-finite value."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from transfusion_jax import diffusion
-from transfusion_jax.data.documents import load_image
+from transfusion_jax.data.documents import SkipDocument, load_image
 from transfusion_jax.inference import generation
 from transfusion_jax.models.autoencoder import loader
 from transfusion_jax.models.autoencoder.codec import Codec
@@ -84,6 +84,26 @@ def make_generator(config, specials, sampling: Sampling) -> generation.Generator
         generation.TextSampling(sampling.temperature, sampling.top_k, sampling.top_p))
 
 
+def _load(image, name: str, size: int) -> np.ndarray:
+    """An input image as float32 [-1, 1]; a missing or unreadable one is named."""
+    try:
+        return load_image(image, size)
+    except SkipDocument as e:
+        raise ValueError(f"image {name!r}: {e.reason.replace('_', ' ')}; expected a readable "
+                         "PNG/JPEG file or a uint8 [H, W, 3] array") from None
+
+
+def _check_lengths(config, tokenizer, texts: Sequence[str]) -> None:
+    """A prompt must fit the context the model was trained on (data.seq_len: the positions and
+    sequence lengths it saw); a longer one is refused, not silently run."""
+    context = config.data.seq_len
+    for i, text in enumerate(texts):
+        length = len(tokenizer.encode(text)) + 2  # BOS, and BOI or the first new token
+        if length > context:
+            raise ValueError(f"prompt {i} ({text[:40]!r}...) is {length} tokens long; the model's "
+                             f"context (data.seq_len) is {context}")
+
+
 def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequence[str] = (),
               images: Sequence = (), question: str = "", free: Sequence[str] = (),
               out: str | None = None, codec: Codec | None = None, names: Sequence[str] = ()):
@@ -93,6 +113,7 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
     (default: the paths). `codec`: the frozen autoencoder when the caller has it loaded."""
     if question and not images:
         raise ValueError("question needs images to ask about")
+    _check_lengths(config, tokenizer, list(prompts) + list(free))
     specials = generation.Specials.from_tokenizer(tokenizer)
     encode, decode = image_codec(config, codec)
     generator = make_generator(config, specials, sampling)
@@ -130,10 +151,11 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
             uncond=[[[specials.boi]]] * len(prompts) if cfg_on else None,
             guidance=sampling.guidance, max_new_tokens=1, max_images=1)
     if len(images):
-        latents = [encode(load_image(im, config.data.image_size)) for im in images]  # [-1, 1]
-        asked = tokenizer.encode(f"Question: {question} Answer:") if question else []
         names = list(names) or [im if isinstance(im, str) else f"image {i}"
                                 for i, im in enumerate(images)]
+        latents = [encode(_load(im, name, config.data.image_size))  # [-1, 1]
+                   for im, name in zip(images, names)]
+        asked = tokenizer.encode(f"Question: {question} Answer:") if question else []
         run("answer" if question else "image_to_text", names,
             [[latent, asked] for latent in latents], max_new_tokens=sampling.max_new_tokens,
             max_images=0, allow_images=False)

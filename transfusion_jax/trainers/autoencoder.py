@@ -26,6 +26,8 @@ import optax
 from transfusion_jax.core import checkpoint, optim, sharding, train_state
 from transfusion_jax.core.metrics import MetricsWriter
 from transfusion_jax.core.preemption import Preemption
+from transfusion_jax.core.validation import (check_fields, integer, non_negative_int,
+                                             non_negative_number, positive_int)
 from transfusion_jax.data.shapes import world
 from transfusion_jax.evaluators import common as evaluators
 from transfusion_jax.models.autoencoder import losses as ae_losses
@@ -33,6 +35,10 @@ from transfusion_jax.models.autoencoder import lpips
 from transfusion_jax.models.autoencoder.model import Autoencoder, check_config as check_model
 
 # ============================================================================ state
+
+# Fields a resume may change freely: they change neither the model nor the batches.
+RESUME_FREE = ("log_every", "checkpoint_every", "evals", "time_limit_s", "mesh",
+               "sharding_rules")
 
 # The evaluator (config.evals) whose held-out latent mean and std become latent_stats.json.
 STATS_EVAL = "heldout"
@@ -48,8 +54,28 @@ class AEState(flax.struct.PyTreeNode):
     rng: jax.Array       # key data; the step's key is fold_in(rng, step)
 
 
+# Every field the trainer reads, with what it allows (core/validation.py); model.* is checked by
+# models/autoencoder/model.py, evals.* by evaluators/common.py.
+RULES = (
+    ("seed", integer),
+    ("total_steps", positive_int),
+    ("log_every", positive_int),
+    ("checkpoint_every", positive_int),
+    ("time_limit_s", non_negative_number),
+    ("data.image_size", positive_int),
+    ("data.batch_size", positive_int),
+    ("data.heldout_images", positive_int),
+    *[(f"loss.{w}", non_negative_number) for w in ("l1", "lpips", "gan", "kl", "codebook")],
+    ("loss.gan_start_step", non_negative_int),
+    ("loss.disc_channels", positive_int),
+    ("loss.disc_layers", positive_int),
+    *optim.RULES,
+)
+
+
 def check_config(config, num_devices: int) -> None:
     """The run's one validation pass, after overrides and before anything is written."""
+    check_fields(config, RULES)
     check_model(config.model)
     if config.model.kind == "identity":
         raise ValueError("model.kind: got 'identity', which has nothing to train; expected vae or vq")
@@ -148,10 +174,14 @@ def _disc_update(loss_cfg, disc, disc_tx, state, x, recon):
 # ============================================================================ loop
 
 
-def train(config, workdir: str) -> dict:
+def train(config, workdir: str, allow_config_changes: tuple[str, ...] = ()) -> dict:
+    """Runs (or resumes) the autoencoder's training in `workdir`; returns the last evaluation.
+    `allow_config_changes`: fields (or prefixes) a resume may change from the saved config."""
     check_config(config, jax.device_count())
+    checkpoint.check_resume(workdir, config, RESUME_FREE, allow_config_changes)
     lpips_params = lpips.from_config(config.loss)
     os.makedirs(workdir, exist_ok=True)
+    checkpoint.check_writable(workdir)
     checkpoint.write_config(workdir, config)
     model, disc, tx, disc_tx = parts = build(config)
     mesh = sharding.make_mesh(config.mesh)

@@ -25,6 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from transfusion_jax import diffusion, objectives
 from transfusion_jax.core import checkpoint, distributed, flops, optim, sharding, train_state
+from transfusion_jax.core.validation import (boolean, check_fields, fraction, integer,
+                                             non_negative_int, non_negative_number, one_of,
+                                             positive_int, positive_number)
 from transfusion_jax.core.metrics import MetricsWriter
 from transfusion_jax.core.preemption import Preemption
 from transfusion_jax.data import latent_records
@@ -33,16 +36,54 @@ from transfusion_jax.data.host_data import HostData, process_rows
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.evaluators import common as evaluators
 from transfusion_jax.models import Transfusion, example_inputs, patches_per_image
+from transfusion_jax.models.attention import IMPLEMENTATIONS
+from transfusion_jax.models.patching import PATCH_SIZES
 from transfusion_jax.models.autoencoder import codec as codec_lib
 from transfusion_jax.models.autoencoder import loader
 
 # ============================================================================ config checks
+
+# Every field the trainer reads, with what it allows (core/validation.py); data.* is checked by
+# data/config.py, evals.* by evaluators/common.py, cross-field rules below.
+RULES = (
+    ("seed", integer),
+    ("total_steps", positive_int),
+    ("stop_at_step", non_negative_int),
+    ("grad_accum", positive_int),
+    ("ema_decay", fraction()),
+    ("log_every", positive_int),
+    ("checkpoint_every", positive_int),
+    ("keep_checkpoints", positive_int),
+    ("model.vocab_size", positive_int),
+    ("model.dim", positive_int),
+    ("model.depth", positive_int),
+    ("model.heads", positive_int),
+    ("model.mlp_dim", positive_int),
+    ("model.rope_theta", positive_number),
+    ("model.norm_eps", positive_number),
+    ("model.qk_norm", boolean),
+    ("model.attention", one_of(*IMPLEMENTATIONS)),
+    ("model.attention_block", positive_int),
+    ("model.latent_size", positive_int),
+    ("model.latent_channels", positive_int),
+    ("model.patch", one_of("linear", "unet")),
+    ("model.patch_size", one_of(*PATCH_SIZES)),
+    ("model.dtype", one_of("float32", "bfloat16", "float16")),
+    ("model.remat", boolean),
+    ("autoencoder.downsample", positive_int),
+    ("diffusion.schedule", one_of("cosine")),
+    ("diffusion.timesteps", positive_int),
+    ("diffusion.ddpm_weight", non_negative_number),
+    ("diffusion.clip_x0", non_negative_number),
+    *optim.RULES,
+)
 
 
 def check_config(config, num_devices: int):
     """The run's one validation pass, after command-line overrides and before anything is
     written: impossible combinations fail naming the fields and the allowed values. (The frozen
     autoencoder's channels are checked once it is loaded, `codec.check`.)"""
+    check_fields(config, RULES)
     model, data = config.model, config.data
     validate_data_config(data)
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
@@ -70,12 +111,13 @@ def check_config(config, num_devices: int):
     if data.image_size != model.latent_size * autoencoder.downsample:
         raise ValueError(f"data.image_size={data.image_size} must equal model.latent_size="
                          f"{model.latent_size} * autoencoder.downsample={autoencoder.downsample}")
-    if not 0 <= config.ema_decay < 1:
-        raise ValueError(f"ema_decay={config.ema_decay}: expected 0 (off) or in (0, 1)")
-    if config.grad_accum < 1:
-        raise ValueError(f"grad_accum={config.grad_accum}: expected an integer >= 1")
     optim.learning_rate(config.optimizer, config.total_steps)  # checks warmup_steps
     evaluators.check_config(config.get("evals"))
+
+
+# Fields a resume may change freely: they change neither the model nor the batches.
+RESUME_FREE = ("stop_at_step", "log_every", "checkpoint_every", "keep_checkpoints", "evals",
+               "mesh", "sharding_rules")
 
 
 # ============================================================================ the step
@@ -139,7 +181,10 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
             ema = jax.tree.map(lambda e, p: config.ema_decay * e + (1 - config.ema_decay) * p,
                                ema, params)
         # A non-finite step changes nothing: the loop stops and the last checkpoint stays good.
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        # The update itself is checked too (a NaN learning rate or an overflow in Adam's moments
+        # leaves loss and gradient finite), so no checkpoint ever holds a non-finite value.
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+                  & train_state.all_finite((params, opt_state, ema)))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                                   opt_state=keep(opt_state, state.opt_state),
@@ -174,16 +219,22 @@ def make_init_fn(config, model, tx, inputs):
 # ============================================================================ the loop
 
 
-def train(config, workdir: str, data_streams: int | None = None) -> dict:
+def train(config, workdir: str, data_streams: int | None = None,
+          allow_config_changes: tuple[str, ...] = ()) -> dict:
     """Runs (or resumes) training in `workdir`; returns the last step's metrics.
 
-    `data_streams`: how many data streams make a batch (data/host_data.py); default: the process
-    count of the run's first start. A resumed run reads it from the checkpoint."""
+    `data_streams`: how many data streams make a batch (data/host_data.py); default: the
+    process count of the run's first start. A resumed run reads it from the checkpoint.
+    `allow_config_changes`: fields (or prefixes) a resume may change from the saved config."""
     check_config(config, jax.device_count())
+    checkpoint.check_resume(workdir, config, RESUME_FREE, allow_config_changes)
     codec = loader.load_codec(config.autoencoder)  # the frozen autoencoder (weights on one device)
     codec_lib.check(codec, config.model)
+    resuming = checkpoint.has_checkpoints(workdir)
     os.makedirs(workdir, exist_ok=True)
-    checkpoint.write_config(workdir, config)
+    checkpoint.check_writable(workdir)
+    if not resuming:  # a resume rewrites config.json once its checkpoint restored
+        checkpoint.write_config(workdir, config)
 
     # --- mesh
     mesh = sharding.make_mesh(config.mesh)
@@ -197,7 +248,7 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the "
                          f"tokenizer's {tokenizer.vocab_size}")
     manager = checkpoint.make_manager(workdir, every=1, keep=config.keep_checkpoints)
-    start = manager.latest_step() or 0
+    start = checkpoint.newest_readable_step(manager)  # damaged newer ones are set aside
     streams = _data_streams(manager, start, data_streams)
     model_cfg = config.model
     precomputed = config.data.image_source == "latents"
@@ -221,8 +272,10 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
                            example_inputs(config.model, config.data.seq_len, pipeline.max_images))
     if start:
         abstract = train_state.abstract_state(init_fn, mesh, config.sharding_rules)
-        state, data_states = checkpoint.restore(manager, start, abstract, pipeline.streams)
+        start, state, data_states = checkpoint.restore_newest_good(
+            manager, start, abstract, pipeline.streams, streams)
         pipeline.set_state(data_states)
+        checkpoint.write_config(workdir, config)
         distributed.log(f"resumed from {workdir}/checkpoints/{start}")
     else:
         state = train_state.create_state(init_fn, mesh, config.sharding_rules, config.seed)
@@ -262,7 +315,8 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
         if not logged["finite"]:
             manager.wait_until_finished()
             raise FloatingPointError(
-                f"loss or gradient not finite at step {step}; stopping. Last good checkpoint: "
+                f"loss, gradient or update not finite at step {step} (the state was left as it "
+                f"was); stopping. Last good checkpoint: "
                 f"{manager.latest_step()} in {workdir}/checkpoints")
         return logged
 
@@ -295,12 +349,15 @@ def train(config, workdir: str, data_streams: int | None = None) -> dict:
                 state, metrics = compiled(state, batch, ae_variables)
                 data_metrics = pipeline.metrics()  # counters after this step's batch
                 preempted = preemption.reached(step)
-                if step % config.checkpoint_every == 0 or preempted:
-                    save(step, state)
                 if pending is not None:  # the previous step's metrics: logging never blocks
                     last = report(*pending)
                 now = time.perf_counter()
                 pending, t_prev = (step, metrics, data_metrics, now - t_prev), now
+                if step % config.checkpoint_every == 0 or preempted:
+                    # This step's metrics line goes to disk before its checkpoint exists: a
+                    # kill after the save cannot leave a restored step without its line.
+                    last, pending = report(*pending), None
+                    save(step, state)
                 if any(e.due(step, config.total_steps) for e in evals):
                     evaluate(step, state)
                     t_prev = time.perf_counter()  # evaluating is not the next step's time

@@ -1,0 +1,135 @@
+"""Runs that never lose work: torn metrics, the metrics line before its checkpoint, a resume
+with another config, damaged checkpoints set aside (issue 13). In-process runs of the tiny
+preset (8 fake CPU devices); each ends in an exact resume or a clear error naming the file or field."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from transfusion_jax.core import checkpoint
+from transfusion_jax.core.config import load_config
+from transfusion_jax.core.metrics import MetricsWriter
+from transfusion_jax.inference.loading import load_for_inference
+from transfusion_jax.trainers import autoencoder as ae_trainer
+from transfusion_jax.trainers import transfusion as trainer
+
+TINY = "experiments/transfusion.py:tiny"
+
+
+def tiny(**overrides):
+    config = load_config(TINY)
+    config.checkpoint_every = 2
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    return config
+
+
+def lines(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    MetricsWriter(str(tmp_path), total_steps=10, resume_step=2).close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert "metrics.jsonl line 3 is torn" in capsys.readouterr().err
+
+
+def test_bad_autoencoder_config_is_named_before_anything_is_written(tmp_path):
+    config = load_config("experiments/autoencoder.py:tiny,kind=vae")
+    config.log_every = 0
+    with pytest.raises(ValueError, match="log_every=0: expected an integer >= 1"):
+        ae_trainer.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A tiny run to step 4 (checkpoints at 2 and 4), recording which metrics lines were on
+    disk when each checkpoint was saved."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    seen, save = {}, checkpoint.save
+
+    def recording_save(manager, step, *args, **kwargs):
+        seen[step] = [r["step"] for r in lines(workdir)]
+        return save(manager, step, *args, **kwargs)
+
+    checkpoint.save = recording_save
+    try:
+        trainer.train(tiny(stop_at_step=4), workdir)
+    finally:
+        checkpoint.save = save
+    return workdir, seen
+
+
+@pytest.mark.slow
+def test_every_checkpointed_step_has_its_metrics_line_first(four_steps):
+    workdir, seen = four_steps
+    assert seen == {2: [1, 2], 4: [1, 2, 3, 4]}
+
+
+@pytest.mark.slow
+def test_a_resume_with_another_config_is_refused_and_config_json_kept(four_steps, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(four_steps[0], workdir)
+    saved = open(os.path.join(workdir, "config.json")).read()
+    with pytest.raises(ValueError, match=r"model.dim: 64 -> 128; optimizer.lr: 0.001 -> 0.002"):
+        trainer.train(tiny(stop_at_step=6, model=dict(dim=128), optimizer=dict(lr=0.002)),
+                      workdir)
+    with pytest.raises(ValueError, match=r"params.embed has shape \(512, 64\), the config builds "
+                                         r"\(512, 128\)"):
+        trainer.train(tiny(stop_at_step=6, model=dict(dim=128)), workdir,
+                      allow_config_changes=("model.dim",))
+    assert open(os.path.join(workdir, "config.json")).read() == saved
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+@pytest.mark.slow
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_previous_one_resumes(four_steps,
+                                                                              tmp_path):
+    """Step 4's parameter files truncated: the resume says so, keeps them aside, resumes from 2
+    and trains steps 3-4 again to the same weights and metrics."""
+    straight, _ = four_steps
+    workdir = str(tmp_path / "run")
+    shutil.copytree(straight, workdir)
+    shards = os.path.join(workdir, "checkpoints", "4", "state", "ocdbt.process_0", "d")
+    for name in os.listdir(shards):
+        with open(os.path.join(shards, name), "r+b") as f:
+            f.truncate(64)
+    trainer.train(tiny(stop_at_step=4), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints_damaged"))) == ["4"]
+    assert [r["loss"] for r in lines(workdir)] == [r["loss"] for r in lines(straight)]
+    _, resumed = load_for_inference(workdir)
+    _, expected = load_for_inference(straight)
+    jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+@pytest.mark.slow
+def test_when_no_checkpoint_reads_the_run_stops_naming_them(four_steps, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(four_steps[0], workdir)
+    for step in ("2", "4"):
+        with open(os.path.join(workdir, "checkpoints", step, "data", "stream_0-of-1.json"),
+                  "w") as f:
+            f.write("{not json")
+    with pytest.raises(FileNotFoundError, match="no checkpoint in .* could be read; the damaged "
+                                                "ones are in .*checkpoints_damaged"):
+        trainer.train(tiny(stop_at_step=6), workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints_damaged"))) == ["2", "4"]
+    assert len(lines(workdir)) == 4  # the metrics of the run are kept
+
+
+def test_a_workdir_that_cannot_take_checkpoints_stops_the_run_at_start(tmp_path):
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(ValueError, match=r"checkpoints cannot take checkpoints .*expected a "
+                                         "writable folder"):
+        trainer.train(tiny(), str(tmp_path))
+    assert not (tmp_path / "config.json").exists()
