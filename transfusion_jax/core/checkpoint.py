@@ -154,18 +154,25 @@ def latest_step(workdir: str) -> int:
     return step
 
 
+def _state_metadata(path: epath.Path) -> dict:
+    """The saved state's tree of array metadata (shape, dtype), read from the item's own
+    metadata file: no array is read, no trainer state is built."""
+    saved = ocp.PyTreeCheckpointHandler().metadata(path)
+    return dict(getattr(saved, "tree", saved))
+
+
 def restore_subtrees(workdir: str, names: tuple[str, ...], step: int | None = None,
                      optional: tuple[str, ...] = ()) -> dict:
     """{name: subtree} of the saved state's top-level fields `names` and, when saved,
     `optional` (fields saved as None or empty are left out), read on the first local device;
-    the rest (optimizer state, ...) is not read. Model-agnostic: shapes come from the checkpoint's own metadata, so inference and the
-    frozen autoencoder load without building any trainer's state."""
+    the rest (optimizer state, ...) is not read. Model-agnostic: shapes come from the
+    checkpoint's own metadata, so inference and the frozen autoencoder load without building
+    any trainer's state."""
     step = latest_step(workdir) if step is None else step
     path = epath.Path(os.path.abspath(workdir)) / "checkpoints" / str(step) / "state"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: no state saved at step {step}")
-    saved = ocp.PyTreeCheckpointHandler().metadata(path)  # the item's own metadata
-    saved = getattr(saved, "tree", saved)
+    saved = _state_metadata(path)
     missing = [n for n in names if n not in saved]
     if missing:
         raise ValueError(f"{path}: the saved state has no {missing} (it holds {sorted(saved)})")
@@ -284,8 +291,7 @@ def newest_readable_step(manager) -> int:
             for path in (epath.Path(manager.directory) / str(step) / "data").iterdir():
                 if _STREAM_FILE.match(path.name):
                     json.loads(path.read_bytes())
-            ocp.PyTreeCheckpointHandler().metadata(
-                epath.Path(manager.directory) / str(step) / "state")
+            _state_metadata(epath.Path(manager.directory) / str(step) / "state")
             return step
         except Exception as e:  # noqa: BLE001 (any failure to read means: not usable)
             set_aside(manager, step, _reason(e))
@@ -302,11 +308,10 @@ def check_params_match(manager, step: int, abstract_state) -> None:
     builds (a model change, which a resume cannot load), before Orbax's own message."""
     path = epath.Path(manager.directory) / str(step) / "state"
     try:
-        saved = ocp.PyTreeCheckpointHandler().metadata(path)
+        saved = _flatten(_state_metadata(path).get("params") or {})
     except Exception:  # noqa: BLE001 (unreadable: the restore says so and sets it aside)
         return
-    saved = _flatten(dict(getattr(saved, "tree", saved)).get("params") or {})
-    built = _flatten(jax.tree.map(lambda x: x, dict(abstract_state.params)))
+    built = _flatten(dict(abstract_state.params))
     for name in sorted(set(saved) | set(built)):
         old = tuple(saved[name].shape) if name in saved else None
         new = tuple(built[name].shape) if name in built else None
@@ -328,7 +333,8 @@ def restore_newest_good(manager, step: int, abstract_state, streams, num_streams
         except Exception as e:  # noqa: BLE001
             set_aside(manager, step, _reason(e))
         step = newest_readable_step(manager)  # raises when none is left
-        if data_streams(manager, step) != num_streams:
+        saved_streams = data_streams(manager, step)
+        if saved_streams != num_streams:
             raise ValueError(f"checkpoint {manager.directory}/{step}, the newest good one, has "
-                             f"{data_streams(manager, step)} data streams, not {num_streams}: "
-                             "resume again (it is now the latest)")
+                             f"{saved_streams} data streams, not {num_streams}: resume again (it "
+                             "is now the latest)")
