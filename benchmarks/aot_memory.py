@@ -27,7 +27,7 @@ from transfusion_jax.trainers import transfusion as trainer  # noqa: E402
 from transfusion_jax.models import example_inputs  # noqa: E402
 from transfusion_jax.core.config import load_config  # noqa: E402
 from transfusion_jax.data.config import resolve_max_images  # noqa: E402
-from transfusion_jax.models import patches_per_image  # noqa: E402
+from transfusion_jax.models import attention, patches_per_image  # noqa: E402
 
 GIB = 2**30
 
@@ -85,6 +85,8 @@ def main():
     ap.add_argument("--mesh", default="fsdp=-1", help="data=..,fsdp=..,tensor=..")
     ap.add_argument("--rows_per_device", type=int, default=2)
     ap.add_argument("--seq_len", type=int, default=0, help="0: the size's (4096)")
+    ap.add_argument("--attention", default="", help="model.attention; '': the preset's (auto: "
+                    "the target's kernel, splash on TPU)")
     args = ap.parse_args()
 
     config = load_config(f"experiments/transfusion.py:{args.size}")
@@ -95,6 +97,10 @@ def main():
     config.mesh = shape
     if args.seq_len:
         config.data.seq_len = args.seq_len
+    if args.attention:
+        config.model.attention = args.attention
+    if config.model.attention == "auto":  # resolved for the target, not this machine's CPU
+        config.model.attention = attention.resolve("auto", args.platform)
     config.data.batch_size = args.rows_per_device * shape["data"] * shape["fsdp"]
     mesh = sharding.make_mesh(shape, devs)
     max_images = resolve_max_images(config.data, patches_per_image(config.model))
@@ -116,7 +122,7 @@ def main():
         "size": args.size, "params_b": params / 1e9, "platform": args.platform,
         "topology": args.topology if args.platform == "tpu" else f"cpu x{len(devs)}",
         "devices": len(devs), "mesh": shape, "rows_per_device": args.rows_per_device,
-        "seq_len": config.data.seq_len, "compile_s": round(time.perf_counter() - t0, 1),
+        "seq_len": config.data.seq_len, "attention": config.model.attention, "compile_s": round(time.perf_counter() - t0, 1),
         "xla_arguments_gib": mem.argument_size_in_bytes / GIB,
         "xla_temporaries_gib": mem.temp_size_in_bytes / GIB,
         "xla_outputs_gib": mem.output_size_in_bytes / GIB,

@@ -221,3 +221,23 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     ref = Transfusion(tiny()).apply(params, batch, x, t)
     assert out["logits"].dtype == jnp.float32 and np.all(np.isfinite(out["logits"]))
     np.testing.assert_allclose(out["logits"], ref["logits"], atol=0.1, rtol=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+def test_kernel_model_equals_dense(impl, monkeypatch):
+    """The whole model with a fused kernel (Pallas interpreter on CPU) against dense; a spy
+    makes sure the kernel ran, not the blockwise fallback. (Gradients: tests/test_attention.py,
+    through the same `attend`.)"""
+    from transfusion_jax.models import attention_gpu, attention_tpu
+    module, name = {"splash": (attention_tpu, "splash_attention"),
+                    "pallas_gpu": (attention_gpu, "range_attention")}[impl]
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    model_d, params, batch, info, x, t = setup_model(tiny(), length=128)
+    model_k = Transfusion(tiny(attention=impl, attention_block=128))
+    out_d, out_k = model_d.apply(params, batch, x, t), model_k.apply(params, batch, x, t)
+    assert calls, f"{impl} never ran"
+    for key in ("logits", "eps"):
+        np.testing.assert_allclose(out_k[key], out_d[key], atol=2e-5, rtol=2e-5)

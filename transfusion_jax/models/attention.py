@@ -6,12 +6,19 @@ The mask is a function of two int vectors per row (DESIGN.md, "The Transfusion m
 
 `mask_pos` is the element's own index for text and, for every patch, the index of its image's
 last patch. So text is causal, the patches of one image see each other, and nothing crosses
-packed documents. Two implementations take (q, k, v, segment_ids, mask_pos) and must agree:
+packed documents. Every implementation takes (q, k, v, segment_ids, mask_pos) and must agree
+with the dense reference in values and gradients (`model.attention`):
 
-- `dense_attention`: the reference; materialises [B, H, L, L] scores.
-- `blockwise_attention`: flash-style online softmax over key blocks with a custom VJP that
-  recomputes the probabilities block by block from the saved log-sum-exp, so neither the forward
-  nor the backward pass holds more than [B, H, L, block] scores.
+- `dense`: the reference; materialises [B, H, L, L] scores.
+- `blockwise`: flash-style online softmax in query and key blocks, XLA code for any backend.
+  Each query block visits only the key blocks inside its rows' key ranges
+  (attention_ranges.py), so its cost follows the mask (causal text, bidirectional images,
+  documents apart), not L^2; a custom VJP recomputes the probabilities block by block from the
+  saved log-sum-exp in one pass.
+- `splash` (TPU): JAX's Pallas splash attention with a per-row dynamic mask (attention_tpu.py).
+- `pallas_gpu` (GPU): our Pallas Triton flash kernel over per-query key ranges
+  (attention_gpu.py).
+- `auto`: the backend's kernel (splash on TPU, pallas_gpu on GPU), blockwise elsewhere.
 
 Rows with no allowed key (padding) output zeros, with zero gradient.
 
@@ -24,6 +31,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from transfusion_jax.models import attention_gpu, attention_ranges, attention_tpu
 
 _NEG = -1e30  # finite, so fully masked rows give exp(_NEG - _NEG) = 1, not NaN; zeroed later
 
@@ -61,100 +70,204 @@ def dense_attention(q, k, v, segment_ids, mask_pos, kv_segment_ids=None, kv_mask
 
 def blockwise_attention(q, k, v, segment_ids, mask_pos, block_size: int = 512,
                         kv_segment_ids=None, kv_mask_pos=None):
-    """Same result as `dense_attention`, in key blocks of `block_size` (it must divide the key
-    length, or be at least as large)."""
-    seg_k, pos_k = _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
+    """Same result as `dense_attention`, in blocks of `block_size` queries and keys (it must
+    divide the key length, or be at least as large; a query count it does not divide makes
+    one query block). Only the key blocks inside a query block's ranges are computed
+    (attention_ranges.py), so the cost follows the mask, not L^2."""
     length = k.shape[1]
     block = min(block_size, length)
     if length % block:
         raise ValueError(f"model.attention_block={block_size} must divide the key length "
                          f"{length} (or be at least as large)")
-    return _flash(q, k, v, segment_ids, mask_pos, seg_k, pos_k, block)
+    q_block = block if q.shape[1] % block == 0 else q.shape[1]
+    if kv_segment_ids is None and kv_mask_pos is None:
+        k_start, k_end, _, _ = attention_ranges.self_ranges(segment_ids, mask_pos)
+    else:
+        _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)  # both or neither
+        k_start, k_end = attention_ranges.cache_ranges(segment_ids, mask_pos, kv_segment_ids,
+                                                       kv_mask_pos)
+    return _ranged(q, k, v, k_start, k_end, q_block, block)
 
 
-def _key_blocks(x, block):
-    """[B, L, ...] -> [L/block, B, block, ...] for lax.scan over key blocks."""
-    b, length = x.shape[:2]
-    return jnp.moveaxis(x.reshape(b, length // block, block, *x.shape[2:]), 1, 0)
+def _block_span(k_start, k_end, block):
+    """Key blocks [lo, hi) that hold every key some query of this query block may see."""
+    lo, hi = jnp.min(k_start) // block, -(-jnp.max(k_end) // block)
+    return jnp.where(hi > lo, lo, 0), jnp.where(hi > lo, hi, 0)
 
 
-def _block_scores(q, k_blk, seg, pos, seg_blk, pos_blk):
-    """Scaled, masked float32 scores [B, H, L, block] and the bool mask [B, 1, L, block]."""
-    scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k_blk, preferred_element_type=jnp.float32) * scale
-    allowed = _allowed(seg, pos, seg_blk, pos_blk)[:, None]
+def _scores(q_blk, k_blk, k_start, k_end, j, block):
+    """Scaled, masked float32 scores [H, bq, bk] of key block j, and its bool mask [1, bq, bk]."""
+    s = jnp.einsum("qhd,khd->hqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    s = s * q_blk.shape[-1] ** -0.5
+    cols = j * block + jnp.arange(block)
+    allowed = ((k_start[:, None] <= cols) & (cols < k_end[:, None]))[None]
     return jnp.where(allowed, s, _NEG), allowed
 
 
-def _flash_forward(q, k, v, seg, pos, seg_k, pos_k, block):
-    b, length, h, d = q.shape
-    init = (jnp.full((b, h, length), _NEG, jnp.float32),      # running max
-            jnp.zeros((b, h, length), jnp.float32),           # running denominator
-            jnp.zeros((b, h, length, d), jnp.float32))        # running numerator
+def _row_forward(q, k, v, k_start, k_end, q_block, block):
+    """One row: q [Lq, H, D] -> (out [Lq, H, D], lse [H, Lq]); online softmax over the key
+    blocks of each query block's span."""
+    heads, dim = q.shape[1:]
 
-    def step(carry, blk):
-        m, l, acc = carry
-        k_blk, v_blk, seg_blk, pos_blk = blk
-        s, allowed = _block_scores(q, k_blk, seg, pos, seg_blk, pos_blk)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None]) * allowed
-        corr = jnp.exp(m - m_new)
-        acc = acc * corr[..., None] + jnp.einsum("bhqk,bkhd->bhqd", p, v_blk.astype(jnp.float32))
-        return (m_new, l * corr + p.sum(-1), acc), None
+    def one_query_block(i):
+        q_blk = jax.lax.dynamic_slice_in_dim(q, i * q_block, q_block)
+        ks = jax.lax.dynamic_slice_in_dim(k_start, i * q_block, q_block)
+        ke = jax.lax.dynamic_slice_in_dim(k_end, i * q_block, q_block)
 
-    blocks = tuple(_key_blocks(x, block) for x in (k, v, seg_k, pos_k))
-    (m, l, acc), _ = jax.lax.scan(step, init, blocks)
-    has_key = l > 0
-    out = acc / jnp.where(has_key, l, 1.0)[..., None]
-    lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), jnp.inf)  # exp(s-inf)=0
-    return jnp.moveaxis(out, 1, 2).astype(q.dtype), lse
+        def step(j, carry):
+            m, l, acc = carry
+            k_blk = jax.lax.dynamic_slice_in_dim(k, j * block, block)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, j * block, block).astype(jnp.float32)
+            s, allowed = _scores(q_blk, k_blk, ks, ke, j, block)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None]) * allowed
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr[..., None] + jnp.einsum("hqk,khd->hqd", p, v_blk)
+            return m_new, l * corr + p.sum(-1), acc
+
+        init = (jnp.full((heads, q_block), _NEG, jnp.float32),
+                jnp.zeros((heads, q_block), jnp.float32),
+                jnp.zeros((heads, q_block, dim), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(*_block_span(ks, ke, block), step, init)
+        has_key = l > 0
+        out = acc / jnp.where(has_key, l, 1.0)[..., None]
+        lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), jnp.inf)
+        return jnp.moveaxis(out, 0, 1), lse  # exp(s - inf) = 0 in the backward pass
+
+    out, lse = jax.lax.map(one_query_block, jnp.arange(q.shape[0] // q_block))
+    return (out.reshape(q.shape).astype(q.dtype),
+            jnp.moveaxis(lse, 0, 1).reshape(heads, q.shape[0]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _flash(q, k, v, seg, pos, seg_k, pos_k, block):
-    return _flash_forward(q, k, v, seg, pos, seg_k, pos_k, block)[0]
-
-
-def _flash_fwd(q, k, v, seg, pos, seg_k, pos_k, block):
-    out, lse = _flash_forward(q, k, v, seg, pos, seg_k, pos_k, block)
-    return out, (q, k, v, seg, pos, seg_k, pos_k, out, lse)
-
-
-def _flash_bwd(block, res, d_out):
-    q, k, v, seg, pos, seg_k, pos_k, out, lse = res
+def _row_backward(q, k, v, k_start, k_end, out, lse, d_out, q_block, block):
+    """One row's (dq, dk, dv): one pass over query blocks; each visits its span's key blocks
+    once, adding into dk, dv in place (no second recomputation of the scores)."""
     scale = q.shape[-1] ** -0.5
     do = d_out.astype(jnp.float32)
-    delta = jnp.einsum("bqhd,bqhd->bhq", do, out.astype(jnp.float32))
+    delta = jnp.einsum("qhd,qhd->hq", do, out.astype(jnp.float32))
 
-    def step(dq, blk):
-        k_blk, v_blk, seg_blk, pos_blk = blk
-        s, _ = _block_scores(q, k_blk, seg, pos, seg_blk, pos_blk)
-        p = jnp.exp(s - lse[..., None])  # masked entries: exp(-1e30 - lse) = 0
-        dv_blk = jnp.einsum("bhqk,bqhd->bkhd", p, do)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", do, v_blk.astype(jnp.float32))
-        ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bhqk,bkhd->bqhd", ds, k_blk.astype(jnp.float32))
-        dk_blk = jnp.einsum("bhqk,bqhd->bkhd", ds, q.astype(jnp.float32))
-        return dq, (dk_blk, dv_blk)
+    def one_query_block(i, grads):
+        dq, dk, dv = grads
+        rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * q_block, q_block)  # axis 0
+        q_blk, do_blk = rows(q).astype(jnp.float32), rows(do)
+        ks, ke = rows(k_start), rows(k_end)
+        lse_blk = jax.lax.dynamic_slice_in_dim(lse, i * q_block, q_block, axis=1)
+        delta_blk = jax.lax.dynamic_slice_in_dim(delta, i * q_block, q_block, axis=1)
 
-    blocks = tuple(_key_blocks(x, block) for x in (k, v, seg_k, pos_k))
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)
-    return (dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
-            None, None, None, None)
+        def step(j, carry):
+            dq_blk, dk, dv = carry
+            k_blk = jax.lax.dynamic_slice_in_dim(k, j * block, block).astype(jnp.float32)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, j * block, block).astype(jnp.float32)
+            s, _ = _scores(q_blk, k_blk, ks, ke, j, block)
+            p = jnp.exp(s - lse_blk[..., None])  # masked: exp(-1e30 - lse) = 0
+            dp = jnp.einsum("qhd,khd->hqk", do_blk, v_blk)
+            ds = p * (dp - delta_blk[..., None]) * scale
+            dq_blk = dq_blk + jnp.einsum("hqk,khd->qhd", ds, k_blk)
+            add = lambda acc, x: jax.lax.dynamic_update_slice_in_dim(
+                acc, jax.lax.dynamic_slice_in_dim(acc, j * block, block) + x, j * block, 0)
+            dk = add(dk, jnp.einsum("hqk,qhd->khd", ds, q_blk))
+            dv = add(dv, jnp.einsum("hqk,qhd->khd", p, do_blk))
+            return dq_blk, dk, dv
+
+        dq_blk, dk, dv = jax.lax.fori_loop(*_block_span(ks, ke, block), step,
+                                           (jnp.zeros(q_blk.shape, jnp.float32), dk, dv))
+        return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i * q_block, 0), dk, dv
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    dq, dk, dv = jax.lax.fori_loop(0, q.shape[0] // q_block, one_query_block,
+                                   (zeros(q), zeros(k), zeros(v)))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-_flash.defvjp(_flash_fwd, _flash_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ranged(q, k, v, k_start, k_end, q_block, block):
+    return _ranged_fwd(q, k, v, k_start, k_end, q_block, block)[0]
 
-IMPLEMENTATIONS = ("dense", "blockwise")
+
+def _ranged_fwd(q, k, v, k_start, k_end, q_block, block):
+    row = functools.partial(_row_forward, q_block=q_block, block=block)
+    out, lse = jax.vmap(row)(q, k, v, k_start, k_end)
+    return out, (q, k, v, k_start, k_end, out, lse)
+
+
+def _ranged_bwd(q_block, block, res, d_out):
+    q, k, v, k_start, k_end, out, lse = res
+    row = functools.partial(_row_backward, q_block=q_block, block=block)
+    dq, dk, dv = jax.vmap(row)(q, k, v, k_start, k_end, out, lse, d_out)
+    return dq, dk, dv, None, None
+
+
+_ranged.defvjp(_ranged_fwd, _ranged_bwd)
+
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash", "pallas_gpu")
+KERNELS = {"tpu": "splash", "gpu": "pallas_gpu"}  # what "auto" picks; blockwise elsewhere
+
+
+def resolve(impl: str, backend: str | None = None) -> str:
+    """`model.attention` -> the implementation that runs on `backend` (default: JAX's)."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"model.attention={impl!r}; expected one of {IMPLEMENTATIONS}")
+    if impl != "auto":
+        return impl
+    return KERNELS.get(backend or jax.default_backend(), "blockwise")
 
 
 def attend(impl: str, q, k, v, segment_ids, mask_pos, block_size: int = 512,
            kv_segment_ids=None, kv_mask_pos=None):
-    """Dispatch on `model.attention`; the only entry point the transformer uses."""
+    """Dispatch on `model.attention`; the only entry point the transformer uses.
+
+    The fused kernels take the mask as key ranges (attention_ranges.py). A decoding chunk whose
+    length a kernel's blocks do not tile (single elements, a short prompt; splash needs blocks
+    of a multiple of 128 lanes) runs blockwise."""
+    impl = resolve(impl)
     if impl == "dense":
         return dense_attention(q, k, v, segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, segment_ids, mask_pos, block_size, kv_segment_ids,
                                    kv_mask_pos)
-    raise ValueError(f"model.attention={impl!r}; expected one of {IMPLEMENTATIONS}")
+    _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)  # both or neither
+    block = min(block_size, q.shape[1], k.shape[1]) if impl == "splash" else GPU_BLOCK
+    if q.shape[1] % block or k.shape[1] % block or (impl == "splash" and block % 128):
+        return blockwise_attention(q, k, v, segment_ids, mask_pos, block_size, kv_segment_ids,
+                                   kv_mask_pos)
+    ranges = _ranges(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
+    # Off its own backend a kernel runs in the Pallas interpreter: slow, exact (tests).
+    interpret = jax.default_backend() != ("tpu" if impl == "splash" else "gpu")
+    if impl == "splash":
+        fn = lambda q, k, v, ks, ke: attention_tpu.splash_attention(q, k, v, ks, ke, block=block,
+                                                                    interpret=interpret)
+        return _per_shard(fn, q, k, v, *ranges[:2])
+    fn = lambda q, k, v, *r: attention_gpu.range_attention(q, k, v, *r, block_q=block,
+                                                           block_k=block, interpret=interpret)
+    return _per_shard(fn, q, k, v, *ranges)
+
+
+GPU_BLOCK = 64  # query and key block of the Pallas GPU kernel (Triton tiles)
+
+
+def _ranges(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos):
+    """(k_start, k_end, q_start, q_end). A cache gives no query ranges (no backward pass):
+    empty ones stand in."""
+    if kv_segment_ids is None:
+        return attention_ranges.self_ranges(segment_ids, mask_pos)
+    k_start, k_end = attention_ranges.cache_ranges(segment_ids, mask_pos, kv_segment_ids,
+                                                   kv_mask_pos)
+    none = jnp.zeros(kv_segment_ids.shape, jnp.int32)
+    return k_start, k_end, none, none
+
+
+def _per_shard(fn, q, k, v, *ranges):
+    """Run a kernel on each device's shard. Pallas kernels are opaque to XLA's partitioner,
+    which would gather their inputs onto every device; under a mesh they run in `shard_map`
+    over the batch and head axes the logical rules give (the length axis must not be split)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(q, k, v, *ranges)
+    import flax.linen as nn  # the logical rules live in flax's context
+    qkv = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
+    vec = nn.logical_to_mesh_axes(("batch", "length"))
+    if qkv[1] is not None:
+        raise ValueError("sharding_rules map 'length' to a mesh axis; the fused attention "
+                         "kernels need whole rows: use model.attention=blockwise")
+    return jax.shard_map(fn, in_specs=(qkv,) * 3 + (vec,) * len(ranges), out_specs=qkv,
+                         check_vma=False)(q, k, v, *ranges)

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from transfusion_jax.models import attention
+
 
 class KVCache(NamedTuple):
     k: jax.Array            # [depth, B, S, heads, head_dim]
@@ -32,12 +34,16 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg, batch_size: int, capacity: int) -> KVCache:
     """An empty cache for config.model. The capacity is rounded up to a multiple of
-    model.attention_block for blockwise attention (its key blocks must tile the cache)."""
+    model.attention_block for the blockwise and kernel paths (their key blocks must tile the
+    cache), and to the GPU kernel's block below that."""
     if capacity < 1 or batch_size < 1:
         raise ValueError(f"init_cache: batch_size={batch_size}, capacity={capacity}; "
                          "expected positive integers")
-    if cfg.attention == "blockwise" and capacity > cfg.attention_block:
+    impl = attention.resolve(cfg.attention)
+    if impl != "dense" and capacity > cfg.attention_block:
         capacity = -(-capacity // cfg.attention_block) * cfg.attention_block
+    elif impl == "pallas_gpu":
+        capacity = -(-capacity // attention.GPU_BLOCK) * attention.GPU_BLOCK
     shape = (cfg.depth, batch_size, capacity, cfg.heads, cfg.dim // cfg.heads)
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     ints = jnp.zeros((batch_size, capacity), jnp.int32)
