@@ -116,13 +116,19 @@ def main():
                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.rules_from_config(config.sharding_rules)):
-        compiled = step.lower(state, batch).compile()
+        lowered = step.lower(state, batch)
+        compiled = lowered.compile()
     mem = compiled.memory_analysis()
+    hlo = lowered.as_text()
     print(json.dumps({
         "size": args.size, "params_b": params / 1e9, "platform": args.platform,
         "topology": args.topology if args.platform == "tpu" else f"cpu x{len(devs)}",
         "devices": len(devs), "mesh": shape, "rows_per_device": args.rows_per_device,
-        "seq_len": config.data.seq_len, "attention": config.model.attention, "compile_s": round(time.perf_counter() - t0, 1),
+        "seq_len": config.data.seq_len, "attention": config.model.attention,
+        # Pallas kernel calls in the lowered step (Mosaic on TPU, Triton on GPU); the compile
+        # above is what proves they lower for the target
+        "pallas_calls": hlo.count("tpu_custom_call") + hlo.count("__gpu$xla.gpu.triton"),
+        "compile_s": round(time.perf_counter() - t0, 1),
         "xla_arguments_gib": mem.argument_size_in_bytes / GIB,
         "xla_temporaries_gib": mem.temp_size_in_bytes / GIB,
         "xla_outputs_gib": mem.output_size_in_bytes / GIB,

@@ -203,13 +203,21 @@ IMPLEMENTATIONS = ("auto", "dense", "blockwise", "splash", "pallas_gpu")
 KERNELS = {"tpu": "splash", "gpu": "pallas_gpu"}  # what "auto" picks; blockwise elsewhere
 
 
-def resolve(impl: str, backend: str | None = None) -> str:
-    """`model.attention` -> the implementation that runs on `backend` (default: JAX's)."""
+def target_platform() -> str:
+    """The platform the step is built for: the devices of the mesh in context (so that an
+    ahead-of-time compile for a TPU topology on a CPU host builds TPU kernels), else JAX's
+    default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
+def resolve(impl: str, platform: str | None = None) -> str:
+    """`model.attention` -> the implementation that runs on `platform` (default: the target's)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"model.attention={impl!r}; expected one of {IMPLEMENTATIONS}")
     if impl != "auto":
         return impl
-    return KERNELS.get(backend or jax.default_backend(), "blockwise")
+    return KERNELS.get(platform or target_platform(), "blockwise")
 
 
 def attend(impl: str, q, k, v, segment_ids, mask_pos, block_size: int = 512,
@@ -232,7 +240,7 @@ def attend(impl: str, q, k, v, segment_ids, mask_pos, block_size: int = 512,
                                    kv_mask_pos)
     ranges = _ranges(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
     # Off its own backend a kernel runs in the Pallas interpreter: slow, exact (tests).
-    interpret = jax.default_backend() != ("tpu" if impl == "splash" else "gpu")
+    interpret = target_platform() != ("tpu" if impl == "splash" else "gpu")
     if impl == "splash":
         fn = lambda q, k, v, ks, ke: attention_tpu.splash_attention(q, k, v, ks, ke, block=block,
                                                                     interpret=interpret)
