@@ -52,11 +52,17 @@ def prompt_from_row(batch, images, lengths):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["dense", "blockwise"])
-def test_cached_text_decoding_equals_full_recompute(attention):
+@pytest.mark.parametrize("attention", ["dense", "blockwise", "pallas_gpu", "splash"])
+def test_cached_text_decoding_equals_full_recompute(attention, monkeypatch):
     """Two rows of different prompt lengths: prefill, decode text token by token (an image in
-    between, written by commit_image), and every step's logits equal the full forward's."""
-    cfg = tiny(attention=attention, attention_block=16)
+    between, written by commit_image), and every step's logits equal the full forward's. The
+    kernels (Pallas interpreter here) run the prefill, padded to their tile; a spy checks."""
+    from transfusion_jax.models import attention_gpu, attention_tpu
+    calls = []
+    for module, name in ((attention_gpu, "range_attention"), (attention_tpu, "splash_attention")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=real, **k: calls.append(1) or _f(*a, **k))
+    cfg = tiny(attention=attention, attention_block=16 if attention == "blockwise" else 128)
     model, params = Transfusion(cfg), random_params(cfg)
     p = patches_per_image(cfg)
     batch, images, info = full_row(cfg, [[3, "image", 4], [6, "image", 1]], 1, 2 * p + 16)
@@ -90,6 +96,7 @@ def test_cached_text_decoding_equals_full_recompute(attention):
         for r in np.flatnonzero(active):
             got[(r, pos[r])] = logits[r]
     assert len(got) >= 12
+    assert bool(calls) == (attention in ("pallas_gpu", "splash")), calls
     for (r, i), value in got.items():
         np.testing.assert_allclose(value, reference[r, i], atol=TOL, rtol=TOL,
                                    err_msg=f"row {r}, element {i}")

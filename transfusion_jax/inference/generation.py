@@ -28,6 +28,7 @@ import numpy as np
 
 from transfusion_jax import diffusion
 from transfusion_jax.models import Transfusion, patches_per_image
+from transfusion_jax.models import attention
 from transfusion_jax.models.kv_cache import KVCache, advance, init_cache
 
 
@@ -153,8 +154,33 @@ def image_chunk(start, active, p: int, eoi: int | None = None):
 # ---------------------------------------------------------------------------------------------
 # The cached model calls. `model` is a Transfusion; every function is pure.
 
+def pad_chunk(chunk, multiple: int):
+    """A prompt chunk padded with empty elements (segment 0) to a multiple of `multiple`, so a
+    fused attention kernel can tile it (attention.kernel_tile). The padding writes empty cache
+    slots past each row's length, which later chunks overwrite."""
+    length = chunk["tokens"].shape[1]
+    extra = -length % multiple
+    if not extra:
+        return chunk
+    out = {}
+    for key, x in chunk.items():
+        if key == "patch_positions":
+            out[key] = x
+        elif key == "mask_pos":  # padding: its own index, as build_prompt writes it
+            idx = jnp.arange(length, length + extra, dtype=x.dtype)
+            out[key] = jnp.concatenate([x, jnp.broadcast_to(idx, (x.shape[0], extra))], 1)
+        else:
+            fill = -1 if key == "patch_index" else 0
+            out[key] = jnp.pad(x, ((0, 0), (0, extra)), constant_values=fill)
+    return out
+
+
 def prefill(model, params, cache: KVCache, prompt: Prompt):
-    """Write the prompts at index 0 -> (cache, logits [B, V] after each row's last element)."""
+    """Write the prompts at index 0 -> (cache, logits [B, V] after each row's last element).
+    The chunk is padded to the attention kernel's tile, if it has one, so prefill runs fused."""
+    tile = attention.kernel_tile(model.cfg.attention)
+    if tile and cache.capacity >= -(-prompt.chunk["tokens"].shape[1] // tile) * tile:
+        prompt = prompt._replace(chunk=pad_chunk(prompt.chunk, tile))
     images, t = prompt.images, None
     if images is not None:
         t = jnp.zeros(images.shape[:2], jnp.int32)  # prompt images are clean (t = 0)

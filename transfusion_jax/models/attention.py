@@ -234,8 +234,9 @@ def attend(impl: str, q, k, v, segment_ids, mask_pos, block_size: int = 512,
         return blockwise_attention(q, k, v, segment_ids, mask_pos, block_size, kv_segment_ids,
                                    kv_mask_pos)
     _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)  # both or neither
-    block = min(block_size, q.shape[1], k.shape[1]) if impl == "splash" else GPU_BLOCK
-    if q.shape[1] % block or k.shape[1] % block or (impl == "splash" and block % 128):
+    lq, lk = q.shape[1], k.shape[1]
+    block = _splash_block(block_size, lq, lk) if impl == "splash" else GPU_BLOCK
+    if not block or lq % block or lk % block:
         return blockwise_attention(q, k, v, segment_ids, mask_pos, block_size, kv_segment_ids,
                                    kv_mask_pos)
     ranges = _ranges(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)
@@ -251,6 +252,20 @@ def attend(impl: str, q, k, v, segment_ids, mask_pos, block_size: int = 512,
 
 
 GPU_BLOCK = 64  # query and key block of the Pallas GPU kernel (Triton tiles)
+SPLASH_LANES = 128  # splash blocks are multiples of the TPU's 128 lanes
+
+
+def _splash_block(block_size: int, lq: int, lk: int) -> int | None:
+    """The largest multiple of 128 lanes, at most model.attention_block, that tiles both."""
+    for block in range(min(block_size, lq, lk) // SPLASH_LANES * SPLASH_LANES, 0, -SPLASH_LANES):
+        if lq % block == 0 and lk % block == 0:
+            return block
+    return None
+
+
+def kernel_tile(impl: str) -> int | None:
+    """The length a kernel's blocks need (decoding pads its prefill to it); None: any."""
+    return {"pallas_gpu": GPU_BLOCK, "splash": SPLASH_LANES}.get(resolve(impl))
 
 
 def _ranges(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos):

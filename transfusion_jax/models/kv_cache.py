@@ -35,15 +35,15 @@ class KVCache(NamedTuple):
 def init_cache(cfg, batch_size: int, capacity: int) -> KVCache:
     """An empty cache for config.model. The capacity is rounded up to a multiple of
     model.attention_block for the blockwise and kernel paths (their key blocks must tile the
-    cache), and to the GPU kernel's block below that."""
+    cache), and below that to the kernel's tile (attention.kernel_tile)."""
     if capacity < 1 or batch_size < 1:
         raise ValueError(f"init_cache: batch_size={batch_size}, capacity={capacity}; "
                          "expected positive integers")
-    impl = attention.resolve(cfg.attention)
+    impl, tile = attention.resolve(cfg.attention), attention.kernel_tile(cfg.attention)
     if impl != "dense" and capacity > cfg.attention_block:
         capacity = -(-capacity // cfg.attention_block) * cfg.attention_block
-    elif impl == "pallas_gpu":
-        capacity = -(-capacity // attention.GPU_BLOCK) * attention.GPU_BLOCK
+    elif tile:
+        capacity = -(-capacity // tile) * tile
     shape = (cfg.depth, batch_size, capacity, cfg.heads, cfg.dim // cfg.heads)
     zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
     ints = jnp.zeros((batch_size, capacity), jnp.int32)
