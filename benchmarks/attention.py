@@ -3,9 +3,9 @@
     python benchmarks/attention.py [--length 4096] [--batch 2] [--heads 16] [--head_dim 64]
         [--impls dense,blockwise,...] [--block 512] [--steps 5]
 
-Rows follow the paper's mix (section 4.1): packed documents, text tokens to image patches about
-1:1, 256-patch images (caption then image, or image then caption) and text documents, the last
-one cut at the row's end. The causal rows are one document of text (segment 1, mask_pos = index).
+Rows follow the paper's mix (paper_rows.py: packed documents, text tokens to image patches about
+1:1, 256-patch images, caption-first and image-first, text documents cut at the row's end).
+The causal rows are one document of text (segment 1, mask_pos = index).
 Each implementation runs both masks with the same kernel; one JSON line per (impl, mask), then
 one per impl with `transfusion_over_causal` and `over_blockwise` (time ratios). Utilisation
 counts the FLOPs of the allowed (query, key) pairs only (4 * Dh per pair forward, 2.5x that
@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import paper_rows  # noqa: E402
 from transfusion_jax.core import flops  # noqa: E402
 from transfusion_jax.models import attention  # noqa: E402
 
@@ -32,35 +34,12 @@ DEFAULT_IMPLS = {"cpu": "dense,blockwise", "gpu": "dense,blockwise,pallas_gpu,cu
                  "tpu": "dense,blockwise,splash"}
 
 
-def paper_mix_row(rng, length: int, patches: int = 256):
-    """(segment_ids, mask_pos) of one packed row: documents chosen so text and patches stay
-    about 1:1 (an image document when text is ahead, else a text document)."""
-    seg = np.zeros(length, np.int32)
-    pos = np.arange(length, dtype=np.int32)
-    i, doc, text, image = 0, 0, 0, 0
-    while i < length:
-        doc += 1
-        if text >= image and length - i >= patches + 12:
-            caption = int(rng.integers(8, 64))
-            size = min(caption + patches + 4, length - i)  # BOS, BOI, EOI, EOS
-            first = i + 2 if rng.random() < 0.5 else i + 2 + caption  # image after/before text
-            pos[first:first + patches] = first + patches - 1
-            image += patches
-            text += size - patches
-        else:
-            size = min(int(rng.integers(64, 1024)), length - i)
-            text += size
-        seg[i:i + size] = doc
-        i += size
-    return seg, pos
-
-
 def rows(kind: str, batch: int, length: int, seed: int = 0):
     if kind == "causal":
         return (np.ones((batch, length), np.int32),
                 np.tile(np.arange(length, dtype=np.int32), (batch, 1)))
     rng = np.random.default_rng(seed)
-    seg, pos = zip(*(paper_mix_row(rng, length) for _ in range(batch)))
+    seg, pos = zip(*(paper_rows.segments(rng, length) for _ in range(batch)))
     return np.stack(seg), np.stack(pos)
 
 

@@ -58,11 +58,17 @@ def model_config(size: str, patch: str, patch_size: int) -> ml_collections.Confi
         dim=dim, depth=depth, heads=heads,
         mlp_dim=4 * dim if small else llama_mlp_dim(dim),
         rope_theta=10000.0, norm_eps=1e-5, qk_norm=False,
-        attention="dense" if small else "blockwise", attention_block=512,
+        # "auto": the fused kernel of the backend (Pallas splash on TPU, our Pallas Triton kernel
+        # on GPU), blockwise with block skipping on CPU (README, "Attention kernels").
+        attention="dense" if small else "auto", attention_block=512,
         latent_size=latent_size, latent_channels=latent_channels,
         patch=patch, patch_size=patch_size or default_patch,
         unet=UNET_PRESETS["tiny" if small else "paper"],  # ~0.27B at 32x32x8, k=2 (paper 4.1)
-        dtype="float32" if small else "bfloat16", remat=not small,
+        dtype="float32" if small else "bfloat16",
+        # Step speed (README, "Step speed and memory"): the activation checkpointing policy
+        # ("none", "full", "dots", "dots_no_batch", "offload"; true/false = "full"/"none"), and
+        # the LM head + cross-entropy over chunks of this many elements (0: whole logits).
+        remat="none" if small else "full", logits_chunk=0,
     ))
 
 

@@ -108,7 +108,8 @@ def _loss_and_grads(fn, seg, pos, q, k, v):
     return fn(q, k, v, seg, pos), jax.grad(loss, (0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("impl", ["splash", "pallas_gpu", "blockwise"])
+@pytest.mark.parametrize("impl", [pytest.param("splash", marks=pytest.mark.slow), "pallas_gpu",
+                                  "blockwise"])
 def test_kernels_equal_dense_in_values_and_gradients(impl):
     """Through `attend`, as the model calls them (Pallas interpreter off their backends)."""
     batch, _ = _random_rows(5, b=2, length=256, m=4, p=16)
@@ -122,7 +123,7 @@ def test_kernels_equal_dense_in_values_and_gradients(impl):
         np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("impl", ["splash", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["splash", "pallas_gpu", "blockwise"])
 def test_kernels_run_per_shard_under_a_mesh(impl):
     """Pallas calls are opaque to XLA's partitioner: under a mesh they run in shard_map over
     the batch axes of the logical rules, and still equal the dense reference."""

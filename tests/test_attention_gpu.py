@@ -98,7 +98,9 @@ def test_transfusion_ranges_are_the_model_mask():
     assert (seg == 0).any(axis=1).all(), "want padding in every row"
 
 
-@pytest.mark.parametrize("dh,block_q,block_k", [(16, 32, 32), (32, 16, 32), (32, 32, 16)])
+@pytest.mark.parametrize("dh,block_q,block_k", [
+    (16, 32, 32), pytest.param(32, 16, 32, marks=pytest.mark.slow),
+    pytest.param(32, 32, 16, marks=pytest.mark.slow)])
 def test_transfusion_values_and_gradients(dh, block_q, block_k):
     ranges = transfusion_ranges(np.random.default_rng(dh + block_q), 2, 128)[:4]
     _check_against_reference(ranges, 128, 128, dh, block_q, block_k)

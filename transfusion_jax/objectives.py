@@ -4,7 +4,12 @@ L_LM: cross-entropy of the next text token, averaged over elements with text_wei
 L_DDPM: per-image mean squared error of the predicted noise, averaged over used image slots
 (the paper computes the diffusion loss per image, not per patch). Sums and counts are returned
 in the metrics too, so that microbatches can be combined exactly.
+
+With `logits_chunk` (config.model.logits_chunk) the LM term is computed from the final hidden
+states chunk by chunk of the sequence (`chunked_lm_loss_terms`): the float32 [B, L, vocab]
+logits, and their gradient, exist one [B, chunk, vocab] slice at a time.
 """
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -15,6 +20,34 @@ def lm_loss_terms(logits, targets, weights):
     return jnp.sum(ce * weights), jnp.sum(weights)
 
 
+def chunked_lm_loss_terms(hidden, lm_head, targets, weights, chunk: int):
+    """lm_loss_terms(lm_head(hidden), targets, weights) without the whole logits.
+
+    hidden [B, L, D]; lm_head maps [B, c, D] -> [B, c, V]. The sequence is cut into chunks of
+    `chunk` elements (a remainder of L % chunk is one more, shorter chunk); each chunk's
+    cross-entropy sum is computed under `jax.checkpoint`, so the backward pass recomputes that
+    chunk's logits instead of keeping them. Equal to the unchunked sum up to float rounding."""
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"model.logits_chunk={chunk!r}: expected an integer >= 1 here")
+    b, length = targets.shape
+    ce_sum = jax.checkpoint(lambda h, y, w: lm_loss_terms(lm_head(h), y, w)[0],
+                            prevent_cse=False)
+    whole, rest = divmod(length, chunk)
+
+    def chunks(x):  # [B, L, ...] -> [L // chunk, B, chunk, ...] (the remainder left out)
+        x = x[:, :whole * chunk]
+        return jnp.moveaxis(x.reshape(b, whole, chunk, *x.shape[2:]), 1, 0)
+
+    total = jnp.zeros((), jnp.float32)
+    if whole:
+        total = jnp.sum(jax.lax.map(lambda args: ce_sum(*args),
+                                    (chunks(hidden), chunks(targets), chunks(weights))))
+    if rest:
+        total = total + ce_sum(hidden[:, whole * chunk:], targets[:, whole * chunk:],
+                               weights[:, whole * chunk:])
+    return total, jnp.sum(weights)
+
+
 def ddpm_loss_terms(eps_hat, eps, image_mask):
     """(sum over used slots of per-image MSE, number of used slots)."""
     per_image = jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps), axis=(-3, -2, -1))
@@ -22,12 +55,22 @@ def ddpm_loss_terms(eps_hat, eps, image_mask):
     return jnp.sum(per_image * used), jnp.sum(used)
 
 
-def transfusion_loss(outputs, batch, noise, ddpm_weight: float = 5.0, normalizers=None):
+def transfusion_loss(outputs, batch, noise, ddpm_weight: float = 5.0, normalizers=None,
+                     lm_head=None, logits_chunk: int = 0):
     """Total loss and a metrics dict; `noise` is the eps that produced the noised latents.
 
+    `outputs` holds "eps" and either "logits" [B, L, V] or, with `lm_head` (hidden -> logits)
+    and `logits_chunk` >= 1, the final hidden states "hidden" [B, L, D] (chunked LM terms).
     `normalizers` = (text tokens, images) of the whole batch when `batch` is one microbatch of
     it, so that the microbatch losses (and gradients) add up to the whole batch's exactly."""
-    lm_sum, tokens = lm_loss_terms(outputs["logits"], batch["targets"], batch["text_weights"])
+    if "logits" in outputs:
+        lm_sum, tokens = lm_loss_terms(outputs["logits"], batch["targets"], batch["text_weights"])
+    elif lm_head is not None and logits_chunk:
+        lm_sum, tokens = chunked_lm_loss_terms(outputs["hidden"], lm_head, batch["targets"],
+                                               batch["text_weights"], logits_chunk)
+    else:
+        raise ValueError("transfusion_loss: outputs have no 'logits'; chunked LM terms need "
+                         "'hidden', lm_head and logits_chunk >= 1")
     ddpm_sum, images = ddpm_loss_terms(outputs["eps"], noise, batch["image_mask"])
     norm_tokens, norm_images = normalizers if normalizers is not None else (tokens, images)
     lm = lm_sum / jnp.maximum(norm_tokens, 1.0)

@@ -2,7 +2,8 @@
 
 The blocks are stacked with `nn.scan` (one compiled block, a leading "layers" axis on every
 block parameter) so that compile time does not grow with depth; `remat` wraps the block in
-activation checkpointing. Attention runs under the Transfusion mask (see attention.py).
+activation checkpointing under a named policy (REMAT_POLICIES, `remat_name`). Attention runs
+under the Transfusion mask (see attention.py).
 
 Decoding passes a `KVCache` (kv_cache.py): each layer writes its chunk's keys and values into its
 slice of the cache and attends to the whole cache, under the same mask rule; the transformer
@@ -19,6 +20,41 @@ from transfusion_jax.models.kv_cache import KVCache, write_mask_vectors, write_r
 from transfusion_jax.models.layers import Dense, RMSNorm, constrain, default_init, logical
 
 ACT = ("batch", "length", "embed")  # logical axes of the residual stream
+
+# config.model.remat: which of a block's intermediates the backward pass keeps (the rest it
+# recomputes from the block's input). Booleans are aliases (older configs and config.json files):
+# True = "full", False = "none".
+REMAT_POLICIES = {
+    "none": None,                                         # no checkpointing: everything kept
+    "full": jax.checkpoint_policies.nothing_saveable,     # only each block's input kept
+    "dots": jax.checkpoint_policies.dots_saveable,        # every matmul output kept
+    # matmul outputs without batch dimensions kept (the projections, not attention's scores)
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # those same outputs moved to pinned host memory in the forward pass, back for the backward
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+}
+# true/false: a bool (Python configs, config.json) or its word (a --config.model.remat=true
+# override of this str field arrives as a string).
+REMAT_ALIASES = {"true": "full", "false": "none"}
+REMAT_EXPECTED = f"one of {list(REMAT_POLICIES)}, or true/false (= 'full'/'none')"
+
+
+def remat_name(value) -> str:
+    """config.model.remat -> its policy name (aliases mapped); ValueError naming the field."""
+    if isinstance(value, bool):
+        return REMAT_ALIASES[str(value).lower()]
+    if isinstance(value, str) and value in REMAT_POLICIES:
+        return value
+    if isinstance(value, str) and value.lower() in REMAT_ALIASES:
+        return REMAT_ALIASES[value.lower()]
+    raise ValueError(f"model.remat={value!r}: expected {REMAT_EXPECTED}")
+
+
+def can_offload(device=None) -> bool:
+    """Whether the device has the memory kinds the "offload" policy moves between."""
+    device = device or jax.devices()[0]
+    kinds = {m.kind for m in device.addressable_memories()}
+    return {"device", "pinned_host"} <= kinds
 
 
 def rope(x, positions, theta: float):
@@ -112,10 +148,13 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, x, segment_ids, mask_pos, positions, cache: KVCache | None = None):
-        block = Block
-        if self.cfg.remat:
-            block = nn.remat(block, prevent_cse=False,
-                             policy=jax.checkpoint_policies.nothing_saveable)
+        block, name = Block, remat_name(self.cfg.remat)
+        if name == "offload" and not can_offload():
+            raise ValueError(f"model.remat='offload': the {jax.default_backend()} device has no "
+                             "'pinned_host' memory to offload to; use 'dots_no_batch' (the same "
+                             "outputs, kept on the device)")
+        if name != "none":
+            block = nn.remat(block, prevent_cse=False, policy=REMAT_POLICIES[name])
         # The cached (k, v) are scanned with the layers (leading depth axis); the rest broadcast.
         stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),

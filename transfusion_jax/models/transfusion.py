@@ -1,6 +1,12 @@
 """The Transfusion model: one transformer over text embeddings and image-latent patches.
 
     model.apply(variables, batch, noised_images, timesteps) -> {"logits", "eps"}
+    model.apply(variables, batch, noised_images, timesteps, logits=False) -> {"hidden", "eps"}
+    model.apply(variables, hidden, method=Transfusion.logits_of) -> logits
+
+The second form leaves the LM head to the loss: with config.model.logits_chunk it applies
+`logits_of` to one chunk of the sequence at a time (objectives.py), so the float32 [B, L, vocab]
+logits are never whole.
 
 `batch` follows the batch contract (DESIGN.md); `noised_images` are latents x_t
 [B, M, H, W, C] (H = W = config.model.latent_size), `timesteps` int32 [B, M]. Every image slot
@@ -47,10 +53,16 @@ class Transfusion(nn.Module):
         self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype),
                              name="lm_head")
 
-    def __call__(self, batch, noised_images, timesteps):
+    def __call__(self, batch, noised_images, timesteps, logits: bool = True):
+        """`logits=False`: the final-normed hidden states "hidden" [B, L, D] instead of the
+        logits (for a loss that applies `logits_of` itself, chunk by chunk)."""
         x, images = self._embed(batch, noised_images, timesteps)
         h = self.transformer(x, batch["segment_ids"], batch["mask_pos"], batch["positions"])
-        return self._outputs(h, batch, images)
+        return self._outputs(h, batch, images, logits)
+
+    def logits_of(self, h):
+        """The LM head: hidden states [..., L, D] -> float32 logits [..., L, V]."""
+        return constrain(self.lm_head(h).astype(jnp.float32), ("batch", "length", "vocab"))
 
     def extend(self, chunk, noised_images, timesteps, cache, logits: bool = True):
         """Decoding: run a chunk of elements against a KVCache (kv_cache.py) -> (outputs, cache
@@ -85,11 +97,9 @@ class Transfusion(nn.Module):
         return constrain(x, ("batch", "length", "embed")), (t, skips, (b, m, gh, gw, size, ch))
 
     def _outputs(self, h, batch, images, logits: bool = True):
-        """{"logits" [B, L, V] (when asked), "eps" [B, M, H, W, C] (when there are images)}."""
-        out = {}
-        if logits:
-            out["logits"] = constrain(self.lm_head(h).astype(jnp.float32),
-                                      ("batch", "length", "vocab"))
+        """{"logits" [B, L, V] (when asked, else "hidden" [B, L, D]), "eps" [B, M, H, W, C]
+        (when there are images)}."""
+        out = {"logits": self.logits_of(h)} if logits else {"hidden": h}
         if images is not None:
             t, skips, (b, m, gh, gw, size, ch) = images
             rows = batch["patch_positions"].reshape(b, m * gh * gw, 1)

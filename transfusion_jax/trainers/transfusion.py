@@ -14,6 +14,7 @@ launch/). Every process runs this program on the global mesh and feeds its rows 
 (data/host_data.py); process 0 alone writes the config, logs and metrics; all save and restore the
 checkpoints together.
 """
+import functools
 import os
 import time
 
@@ -38,10 +39,18 @@ from transfusion_jax.evaluators import common as evaluators
 from transfusion_jax.models import Transfusion, example_inputs, patches_per_image
 from transfusion_jax.models.attention import IMPLEMENTATIONS
 from transfusion_jax.models.patching import PATCH_SIZES
+from transfusion_jax.models.transformer import REMAT_EXPECTED, remat_name
 from transfusion_jax.models.autoencoder import codec as codec_lib
 from transfusion_jax.models.autoencoder import loader
 
 # ============================================================================ config checks
+
+def _is_remat(value) -> bool:
+    try:
+        return bool(remat_name(value))
+    except ValueError:
+        return False
+
 
 # Every field the trainer reads, with what it allows (core/validation.py); data.* is checked by
 # data/config.py, evals.* by evaluators/common.py, cross-field rules below.
@@ -69,7 +78,8 @@ RULES = (
     ("model.patch", one_of("linear", "unet")),
     ("model.patch_size", one_of(*PATCH_SIZES)),
     ("model.dtype", one_of("float32", "bfloat16", "float16")),
-    ("model.remat", boolean),
+    ("model.remat", (_is_remat, REMAT_EXPECTED)),  # a policy name; true/false = "full"/"none"
+    ("model.logits_chunk", non_negative_int),  # 0: the whole [B, L, vocab] logits at once
     ("autoencoder.downsample", positive_int),
     ("diffusion.schedule", one_of("cosine")),
     ("diffusion.timesteps", positive_int),
@@ -115,9 +125,12 @@ def check_config(config, num_devices: int):
     evaluators.check_config(config.get("evals"))
 
 
-# Fields a resume may change freely: they change neither the model nor the batches.
+# Fields a resume may change freely: they change neither the model nor the batches. (remat,
+# logits_chunk and the attention implementation change how the step computes the same function:
+# the losses agree to rounding; a run moves between GPU, TPU and CPU kernels this way.)
 RESUME_FREE = ("stop_at_step", "log_every", "checkpoint_every", "keep_checkpoints", "evals",
-               "mesh", "sharding_rules")
+               "mesh", "sharding_rules", "model.remat", "model.logits_chunk", "model.attention",
+               "model.attention_block")
 
 
 # ============================================================================ the step
@@ -133,10 +146,14 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
     lr = optim.learning_rate(config.optimizer, config.total_steps)
     accum = config.grad_accum
 
+    chunk = config.model.get("logits_chunk", 0)  # 0: whole logits; else the LM head per chunk
+
     def loss_fn(params, batch, xt, t, noise, normalizers):
-        out = model.apply({"params": params}, batch, xt, t)
+        variables = {"params": params}
+        out = model.apply(variables, batch, xt, t, logits=not chunk)
+        lm_head = functools.partial(model.apply, variables, method=Transfusion.logits_of)
         return objectives.transfusion_loss(out, batch, noise, config.diffusion.ddpm_weight,
-                                           normalizers)
+                                           normalizers, lm_head, chunk)
 
     def micro(x):  # [B, ...] -> [A, B/A, ...]; microbatch i takes rows i, i+A, ... of every shard
         return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
