@@ -25,6 +25,7 @@ TYPES = {
     "sample_grid": "transfusion_jax.evaluators.sample_grid",
     "shapes": "transfusion_jax.evaluators.shapes",
     "reconstruction": "transfusion_jax.evaluators.reconstruction",
+    "captioning": "transfusion_jax.evaluators.captioning",
 }
 RESERVED = ("type", "every")
 
