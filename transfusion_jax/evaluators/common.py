@@ -26,6 +26,8 @@ TYPES = {
     "shapes": "transfusion_jax.evaluators.shapes",
     "reconstruction": "transfusion_jax.evaluators.reconstruction",
     "captioning": "transfusion_jax.evaluators.captioning",
+    "perplexity": "transfusion_jax.evaluators.perplexity",
+    "ranked": "transfusion_jax.evaluators.ranked",
 }
 RESERVED = ("type", "every")
 

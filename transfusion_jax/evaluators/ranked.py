@@ -1,0 +1,175 @@
+"""Ranked classification (type "ranked"): multiple-choice accuracy exactly as
+lm-evaluation-harness defines `acc` and `acc_norm` (paper section 4.1: the Llama 2 suite,
+"average 0-shot accuracy").
+
+lm-eval (EleutherAI/lm-evaluation-harness, lm_eval/api/task.py `construct_requests` and
+`process_results` for output_type multiple_choice; lm_eval/api/model.py `TemplateLM`):
+  * each choice is a request loglikelihood(context, " " + choice) (target_delimiter " ");
+  * `_encode_pair`: trailing whitespace of the context moves to the continuation; then
+    whole = encode(context + continuation), ctx = encode(context) and the continuation tokens
+    are whole[len(ctx):]. The model reads ctx + continuation tokens, and the choice's score is
+    the summed log-probability of the continuation tokens;
+  * acc = [argmax(lls) == label]; acc_norm = [argmax(lls / len(choice)) == label], len in
+    characters of the choice string without the delimiter (`completion_len`; lm-eval's
+    `acc_bytes` divides by UTF-8 bytes instead). np.argmax: the first of equal scores wins.
+Ours: BOS always starts the sequence (our documents start with it; lm-eval uses its prefix
+token for an empty context); a text-only sequence longer than a row keeps its last seq_len
+tokens (lm-eval keeps the last max_length + 1).
+
+Tasks: `path`, a local JSONL of {"context", "choices", "label"}; or, without a path, `num`
+generated questions about held-out shapes scenes (shapes_choices.py; `seed`). Their context
+is an image, then text: the image enters as clean latents at t = 0 between BOI and EOI, as
+generation reads prompt images (inference/generation.py prefill). Scoring is one full forward
+over packed rows (model batch contract), not the KV-cached generator: that forward is what the
+cache is tested against, needs no decoding loop, and lets many (context, choice) sequences share
+a row, each its own segment. Rows have the training shape [batch_size, data.seq_len], jitted
+once. Writes scores.jsonl (per example: log-likelihoods, predictions) into out_dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from transfusion_jax.core import distributed
+from transfusion_jax.data.config import resolve_max_images
+from transfusion_jax.data.documents import load_image
+from transfusion_jax.evaluators.perplexity import MODEL_KEYS, batches, make_scorer, pack_whole
+from transfusion_jax.evaluators.shapes_choices import shapes_questions
+from transfusion_jax.inference.tasks import image_codec
+from transfusion_jax.models import patches_per_image
+
+
+def encode_pair(tokenizer, context: str, continuation: str):
+    """(context tokens, continuation tokens) as lm-eval's `_encode_pair` splits them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer.encode(context + continuation)
+    ctx = tokenizer.encode(context) if context else []
+    return list(ctx), list(whole[len(ctx):])
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Examples {"context", "choices", "label"} of a JSONL file; a bad line is named."""
+    if not os.path.exists(path):
+        raise ValueError(f"ranked: path={path!r}: no such file; expected a JSONL of "
+                         '{"context": str, "choices": [str, ...], "label": int}')
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                e = json.loads(line)
+                ok = (isinstance(e["context"], str) and len(e["choices"]) >= 2
+                      and all(isinstance(c, str) and c for c in e["choices"])
+                      and isinstance(e["label"], int) and 0 <= e["label"] < len(e["choices"]))
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"ranked: {path}:{number}: expected {{\"context\": str, "
+                                 "\"choices\": [non-empty str, ...] (>= 2), \"label\": index}")
+            out.append({"context": e["context"], "choices": list(e["choices"]),
+                        "label": e["label"]})
+    if not out:
+        raise ValueError(f"ranked: {path} has no examples")
+    return out
+
+
+def choice_accuracy(lls, choices, label) -> dict:
+    """lm-eval's multiple-choice metrics of one example."""
+    lls = np.asarray(lls, np.float64)
+    pred = int(np.argmax(lls))
+    pred_norm = int(np.argmax(lls / np.array([float(len(c)) for c in choices])))
+    return {"pred": pred, "pred_norm": pred_norm, "acc": float(pred == label),
+            "acc_norm": float(pred_norm == label)}
+
+
+class Evaluator:
+    def __init__(self, context, path: str = "", num: int = 64, seed: int = 0,
+                 batch_size: int = 0, log_every: int = 100):
+        config, tok = context.config, context.tokenizer
+        data, cfg = config.data, config.model
+        if path:
+            self.examples = read_jsonl(path)
+        else:
+            if data.image_source != "shapes" or num < 1:
+                raise ValueError(f"ranked: without `path` it asks num={num} (>= 1) questions "
+                                 f"about shapes scenes; data.image_source={data.image_source!r}")
+            self.examples = shapes_questions(num, data.image_size, seed, data.shapes_seed)
+        self.images = "image" in self.examples[0]
+        self.length, self.log_every = data.seq_len, log_every
+        self.batch_size = batch_size or data.batch_size
+        p = patches_per_image(cfg)
+        self.slots = resolve_max_images(data, p) if self.images else 1
+        shape = (cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+        self.layout = dict(L=data.seq_len, M=self.slots, P=p, image_size=data.image_size,
+                           pad_id=tok.pad_id, boi_id=tok.boi_id,
+                           num_timesteps=data.num_timesteps, latent_shape=shape)
+        encode = image_codec(config, context.codec)[0] if self.images else None
+        self.docs, self.scored, self.pairs = [], [], []
+        for i, e in enumerate(self.examples):
+            latent = encode(load_image(e["image"], data.image_size)) if self.images else None
+            for j, choice in enumerate(e["choices"]):
+                doc, c = self._document(tok, e["context"], choice, latent, p, shape)
+                self.docs.append(doc)
+                self.scored.append(c)
+                self.pairs.append((i, j))
+        self.score = make_scorer(cfg)
+
+    def _document(self, tok, context, choice, latent, p, shape):
+        """(document of the pair, number of continuation tokens)."""
+        ctx, cont = encode_pair(tok, context, " " + choice)
+        head = [tok.bos_id]
+        if latent is not None:
+            head += [tok.boi_id] + [tok.pad_id] * p + [tok.eoi_id]
+        tokens = np.asarray(head + ctx + cont, np.int32)
+        if len(tokens) > self.length:
+            if latent is not None or len(cont) >= self.length:
+                raise ValueError(f"ranked: context {context[:40]!r}... with choice "
+                                 f"{choice[:40]!r} is {len(tokens)} elements; data.seq_len is "
+                                 f"{self.length}")
+            tokens = tokens[-self.length:]
+        images = np.zeros((0, *shape), np.float32) if latent is None else latent[None]
+        return {"tokens": tokens, "boi": np.asarray([1] if latent is not None else [], np.int32),
+                "images": np.asarray(images, np.float32),
+                "max_timestep": np.full(len(images), self.layout["num_timesteps"], np.int32)
+                }, len(cont)
+
+    def loglikelihoods(self, variables) -> np.ndarray:
+        """Summed log-probability of each pair's continuation tokens, float64 [pairs]."""
+        lls, done = np.zeros(len(self.docs)), 0
+        rows = pack_whole(enumerate(self.docs), self.length, self.slots)
+        for i, (batch, keys) in enumerate(batches(rows, self.batch_size, self.layout), 1):
+            latents = batch["latents"] if self.images else None
+            logp = np.asarray(self.score(variables, {k: batch[k] for k in MODEL_KEYS}, latents))
+            done += sum(len(row) for row in keys)
+            for r, row in enumerate(keys):
+                at = 0
+                for key in row:
+                    n, c = len(self.docs[key]["tokens"]), self.scored[key]
+                    lls[key] = logp[r, at + n - c - 1:at + n - 1].astype(np.float64).sum()
+                    at += n
+            if i % self.log_every == 0:
+                distributed.log(f"ranked: {i} batches, {done} of {len(self.docs)} "
+                                "(context, choice) pairs scored")
+        return lls
+
+    def run(self, variables, out_dir: str) -> dict:
+        lls = self.loglikelihoods(variables)
+        per_example = [[] for _ in self.examples]
+        for (i, _), ll in zip(self.pairs, lls):
+            per_example[i].append(float(ll))
+        records = []
+        for i, (e, ex_lls) in enumerate(zip(self.examples, per_example)):
+            records.append({"index": i, "context": e["context"], "choices": e["choices"],
+                            "label": e["label"], "loglikelihoods": ex_lls,
+                            **choice_accuracy(ex_lls, e["choices"], e["label"])})
+        if out_dir:
+            with open(os.path.join(out_dir, "scores.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        return {"acc": float(np.mean([r["acc"] for r in records])),
+                "acc_norm": float(np.mean([r["acc_norm"] for r in records])),
+                "n": len(records)}
