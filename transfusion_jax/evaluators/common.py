@@ -28,6 +28,7 @@ TYPES = {
     "captioning": "transfusion_jax.evaluators.captioning",
     "perplexity": "transfusion_jax.evaluators.perplexity",
     "ranked": "transfusion_jax.evaluators.ranked",
+    "fid": "transfusion_jax.evaluators.fid",
 }
 RESERVED = ("type", "every")
 
