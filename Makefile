@@ -19,14 +19,15 @@ $(BIN)/.installed-test: $(BIN)/.installed setup.py
 install: $(BIN)/.installed
 install-test: $(BIN)/.installed-test
 
-# Everything (what CI runs: .ci/run), under 15 minutes on 2 cores.
+# Everything (what CI runs: .ci/run), under 15 minutes on 2 cores: two pytest workers
+# (pytest-xdist), since most of a test's time is XLA compiling on one thread.
 test: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 # Everyday work: the tests not marked slow (subprocess CLIs, multi-process, long sampling), under
 # 2 minutes on 2 cores.
 test-fast: $(BIN)/.installed-test
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
 
 # The demo on the shapes world, on CPU: train the demo VAE (once: skipped when DEMO_DIR/autoencoder
 # has its latent statistics), then the Transfusion model on its latents (re-running resumes, or

