@@ -120,14 +120,18 @@ def get_config(arg=None):
     # grids of held-out captions, and scores held-out scenes both ways at its last step; the
     # paper's text metrics on the shapes world run on request (every=0: `python -m
     # transfusion_jax.evaluate --workdir DIR`): perplexity and bits per byte of held-out text,
-    # 4-choice questions about held-out scenes ranked as lm-eval does, CIDEr-D of captions.
+    # 4-choice questions about held-out scenes ranked as lm-eval does, CIDEr-D of captions, FID.
     config.evals = {}
     if arg.size == "demo":
         config.evals = dict(samples=dict(type="sample_grid", every=500, num=4),
                             shapes=dict(type="shapes", every=config.total_steps, num=16),
                             perplexity=dict(type="perplexity", every=0, tokens=50_000),
                             choices=dict(type="ranked", every=0, num=128),
-                            captions=dict(type="captioning", every=0, num=64))
+                            captions=dict(type="captioning", every=0, num=64),
+                            # A random-weight InceptionV3 (no weight file ships): reported as
+                            # fid_random_weights, a smoke test of the pipeline, not FID.
+                            fid=dict(type="fid", every=0, random_weights=True, num=64, batch=32,
+                                     sampler="dpm++2m", steps=20, guidance=3.0))
     elif arg.size == "tiny":  # on request only (tests): a quick shapes score
         config.evals = dict(shapes=dict(type="shapes", every=0, num=2, steps=4))
     return config
