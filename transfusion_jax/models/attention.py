@@ -29,6 +29,7 @@ own elements (training).
 """
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -80,12 +81,8 @@ def blockwise_attention(q, k, v, segment_ids, mask_pos, block_size: int = 512,
         raise ValueError(f"model.attention_block={block_size} must divide the key length "
                          f"{length} (or be at least as large)")
     q_block = block if q.shape[1] % block == 0 else q.shape[1]
-    if kv_segment_ids is None and kv_mask_pos is None:
-        k_start, k_end, _, _ = attention_ranges.self_ranges(segment_ids, mask_pos)
-    else:
-        _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)  # both or neither
-        k_start, k_end = attention_ranges.cache_ranges(segment_ids, mask_pos, kv_segment_ids,
-                                                       kv_mask_pos)
+    _key_vectors(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)  # both or neither
+    k_start, k_end = _ranges(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos)[:2]
     fn = lambda q, k, v, ks, ke: _ranged(q, k, v, ks, ke, q_block, block)
     return _per_shard(fn, q, k, v, k_start, k_end)
 
@@ -275,7 +272,7 @@ def kernel_tile(impl: str) -> int | None:
 
 def _ranges(segment_ids, mask_pos, kv_segment_ids, kv_mask_pos):
     """(k_start, k_end, q_start, q_end). A cache gives no query ranges (no backward pass):
-    empty ones stand in."""
+    empty ones stand in (unused ones cost nothing: XLA drops them)."""
     if kv_segment_ids is None:
         return attention_ranges.self_ranges(segment_ids, mask_pos)
     k_start, k_end = attention_ranges.cache_ranges(segment_ids, mask_pos, kv_segment_ids,
@@ -292,7 +289,6 @@ def _per_shard(fn, q, k, v, *ranges):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(q, k, v, *ranges)
-    import flax.linen as nn  # the logical rules live in flax's context
     qkv = nn.logical_to_mesh_axes(("batch", "length", "heads", "kv"))
     vec = nn.logical_to_mesh_axes(("batch", "length"))
     if qkv[1] is not None:
