@@ -26,11 +26,11 @@ def _dynamic_kernel(mask, sizes, interpret):
     `jnp.array` over the mask info, which turns its `is_dynamic_mask` flag into a tracer under
     jit; the pieces it calls work, so they are called here directly.)"""
     blocks = (sizes.block_q, sizes.block_kv)
+    # One block shape serves every kernel, so the dq kernel reuses the forward's mask info.
     fwd, _ = info.process_dynamic_mask(mask, blocks, downcast_smem_data=False)
-    dq, _ = info.process_dynamic_mask(mask, blocks, downcast_smem_data=False)
     dkv, _ = info.process_dynamic_mask_dkv(mask, blocks, downcast_smem_data=False)
     return splash.SplashAttentionKernel(
-        fwd, dq, dkv, block_sizes=sizes, is_mqa=False, save_residuals=False,
+        fwd, fwd, dkv, block_sizes=sizes, is_mqa=False, save_residuals=False,
         mask_value=splash.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None,
         residual_checkpoint_name=None, mask_function=None, interpret=interpret)
 
