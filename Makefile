@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install install-test clean
+.PHONY: demo demo-long test test-fast install install-test clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,18 +31,30 @@ test-fast: $(BIN)/.installed-test
 
 # The demo on the shapes world, on CPU: train the demo VAE (once: skipped when DEMO_DIR/autoencoder
 # has its latent statistics), then the Transfusion model on its latents (re-running resumes, or
-# ends at once). Its evaluators (config.evals) draw sample grids every 500 steps and, at the last
-# step, score held-out scenes both ways: DEMO_DIR/evals/1000/shapes/report.md.
+# ends at once). Its evaluators (config.evals) draw sample grids and measure the denoiser every
+# 300 steps and, at the last step, score held-out scenes both ways:
+# DEMO_DIR/evals/1200/shapes/report.md (figures beside it). The transformer runs on two host
+# devices: XLA runs one thread per device, so data parallelism over the 2 cores is 15% faster
+# (1.88 against 1.64 steps/s), with the same losses.
 DEMO_DIR ?= workdir/demo
-demo: $(BIN)/.installed
-	test -f $(DEMO_DIR)/autoencoder/latent_stats.json || JAX_PLATFORMS=cpu \
-		$(BIN)/python -m transfusion_jax.train_autoencoder \
+DEMO_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2
+$(DEMO_DIR)/autoencoder/latent_stats.json: | $(BIN)/.installed
+	JAX_PLATFORMS=cpu $(BIN)/python -m transfusion_jax.train_autoencoder \
 		--config experiments/autoencoder.py:demo,kind=vae --workdir $(DEMO_DIR)/autoencoder
-	JAX_PLATFORMS=cpu $(BIN)/transfusion-train --config experiments/transfusion.py:demo \
+
+demo: $(BIN)/.installed $(DEMO_DIR)/autoencoder/latent_stats.json
+	$(DEMO_ENV) $(BIN)/transfusion-train --config experiments/transfusion.py:demo \
 		--workdir $(DEMO_DIR) --config.autoencoder.checkpoint=$(DEMO_DIR)/autoencoder
-	test -f $(DEMO_DIR)/evals/1000/shapes/report.md || JAX_PLATFORMS=cpu \
+	test -f $(DEMO_DIR)/evals/1200/shapes/report.md || $(DEMO_ENV) \
 		$(BIN)/python -m transfusion_jax.evaluate --workdir $(DEMO_DIR) --only shapes
-	cat $(DEMO_DIR)/evals/1000/shapes/report.md
+	cat $(DEMO_DIR)/evals/1200/shapes/report.md
+	ls $(DEMO_DIR)/evals/1200/shapes/*.png
+
+# The same recipe for 6000 steps (about an hour on 2 cores), on the demo's VAE.
+demo-long: $(BIN)/.installed $(DEMO_DIR)/autoencoder/latent_stats.json
+	$(DEMO_ENV) $(BIN)/transfusion-train --config experiments/transfusion.py:demo_long \
+		--workdir $(DEMO_DIR)_long --config.autoencoder.checkpoint=$(DEMO_DIR)/autoencoder
+	cat $(DEMO_DIR)_long/evals/6000/shapes/report.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -20,6 +20,9 @@ setup(
         "absl-py>=2.1",
         "numpy>=2.0",
         "pillow>=10.0",
+        # The demo report's figures (evaluators/report_plots.py): sample grids with their
+        # captions and the training curves; plotting code we would otherwise write by hand.
+        "matplotlib>=3.8",
         # TensorBoard event files without TensorFlow (flax/clu writers need TF).
         "tensorboardX>=2.6,<3",
     ],

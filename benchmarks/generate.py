@@ -38,7 +38,7 @@ def full_sequence_eps(model, params, prompt: gen.Prompt):
 
     def eps_fn(x_t, t):
         timesteps = jnp.full((b, 1), t, jnp.int32)
-        return model.apply(params, batch, x_t[:, None], timesteps)["eps"][:, 0]
+        return model.apply(params, batch, x_t[:, None], timesteps)["prediction"][:, 0]
     return eps_fn
 
 

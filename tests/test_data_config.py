@@ -1,4 +1,5 @@
 """The data config: defaults, overrides, and errors that name the field."""
+import ml_collections
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ def test_defaults_follow_the_paper():
     assert (c.caption_first_prob, c.p_uncond, c.text_to_patch_ratio) == (0.8, 0.1, 1.0)
     assert c.text_source == c.image_source == "shapes" and c.image_size == 64
     assert "patches_per_image" not in c  # a model property, passed to the pipeline
+    assert c.noise_limit is True  # image-first captions noised at t < T/2 (Table 8)
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -24,6 +26,8 @@ def test_defaults_follow_the_paper():
     (dict(max_images=0), "data.max_images"),
     (dict(text_to_patch_ratio=0.0), "data.text_to_patch_ratio"),
     (dict(shapes_split="test"), "data.shapes_split"),
+    (dict(noise_limit=1), "data.noise_limit"),
+    (dict(noise_limit="no"), "data.noise_limit"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -48,3 +52,6 @@ def test_mutated_config_is_checked_again():
     c.p_uncond = 2.0
     with pytest.raises(ValueError, match="data.p_uncond"):
         validate_data_config(c)
+    c = ml_collections.ConfigDict({**get_data_config().to_dict(), "noise_limit": 0})
+    with pytest.raises(ValueError, match="data.noise_limit = 0: expected true or false"):
+        validate_data_config(c)  # a config.json read back, types not kept

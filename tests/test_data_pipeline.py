@@ -40,7 +40,14 @@ def test_shapes_batches_satisfy_the_contract(tok):
     for batch in batches:
         check_batch(batch, B=4, L=512, M=p.max_images, P=16, S=32, whole_documents=True)
     m = p.metrics()
-    assert m["rows"] == 12 and m["documents_split"] == 0 and m["skipped"] == 0
+    # Only text documents are split (to fill rows: data.pack_split_text), never one with images.
+    assert m["rows"] == 12 and 0 < m["documents_split"] <= m["text_documents"]
+    assert m["skipped"] == 0
+    # Split text fills rows: less padding than whole documents give on the same stream.
+    whole = make_pipeline(small(image_size=32, pack_split_text=False), patches_per_image=16,
+                          tokenizer=tok, shard_index=0, shard_count=1)
+    take(whole, 3)
+    assert m["padding"] < 0.8 * whole.metrics()["padding"]
     assert m["pair_documents"] and m["interleaved_documents"] and m["text_documents"]
     assert m["text_tokens"] + m["patches"] + m["padding"] == 12 * 512
     assert m["patches"] == sum(int((b["patch_index"] >= 0).sum()) for b in batches)
@@ -49,8 +56,8 @@ def test_shapes_batches_satisfy_the_contract(tok):
 def test_fixed_slots_close_rows_early(tok):
     p = make_pipeline(small(max_images=2), patches_per_image=16, tokenizer=tok)
     assert (p.shard_index, p.shard_count) == (0, 1)  # jax.process_index(), jax.process_count()
-    for batch in take(p, 2):
-        check_batch(batch, B=4, L=512, M=2, P=16, S=16)
+    for batch in take(p, 2):  # interleaved documents of 3 images are split
+        check_batch(batch, B=4, L=512, M=2, P=16, S=16, whole_documents=False)
         assert batch["image_mask"].sum(axis=1).max() <= 2
 
 
@@ -117,7 +124,8 @@ def _document_ids(tok, batches):
 def test_host_shards_are_disjoint_and_cover_the_epoch(tok, tmp_path):
     c = small(text_source="text_files", text_files_path=_text_corpus(tmp_path, 41),
               image_source="image_files", image_files_path=_image_pairs(tmp_path, 23),
-              num_epochs=1, batch_size=2, p_uncond=0.0, seq_len=64, image_size=8)
+              num_epochs=1, batch_size=2, p_uncond=0.0, seq_len=64, image_size=8,
+              pack_split_text=False)  # whole documents: each segment names its document
     seen = []
     for shard in (0, 1):
         p = make_pipeline(c, patches_per_image=4, tokenizer=tok, shard_index=shard, shard_count=2)

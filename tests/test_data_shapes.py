@@ -101,8 +101,10 @@ def test_documents_of_three_kinds():
     doc = shapes_text.interleaved_record(0, "train", 0, 32)
     images = [p for p in doc["parts"] if "image" in p]
     texts = [p["text"] for p in doc["parts"] if "text" in p]
-    assert len(images) >= 2 and all("Question:" in t and "Answer:" in t for t in texts)
-    assert "image" in doc["parts"][0]  # image, then its questions
+    # A title first (never an image: after "BOS BOI" only caption pairs go on), then the Q&A.
+    assert "text" in doc["parts"][0] and "Question:" not in texts[0]
+    assert len(images) >= 2 and all("Question:" in t and "Answer:" in t for t in texts[1:])
+    assert "image" in doc["parts"][1]  # then an image, then its questions
     text = shapes_text.text_record(0, "train", 0)["text"]
     assert shapes_text.parse_caption(text) and "Answer:" in text
 

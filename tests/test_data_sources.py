@@ -9,6 +9,7 @@ from transfusion_jax.data import counters
 from transfusion_jax.data.shapes import text as shapes_text
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.data.documents import DocumentBuilder, load_image
+from transfusion_jax.data.pipeline import make_pipeline
 from transfusion_jax.data.sources import CocoKarpathySource, ImageFilesSource, TextFilesSource, TfdsTextSource, build_sources, sample_texts
 from transfusion_jax.data.tokenizer import train_tokenizer
 
@@ -50,6 +51,27 @@ def test_documents_of_each_kind(tok):
     assert len(doc["boi"]) == 2 and doc["tokens"][0] == 1 and doc["tokens"][-1] == 2
     doc = b({"text": b"bytes are fine"}, rng)
     assert tok.decode(doc["tokens"]) == "bytes are fine"
+
+
+def test_noise_limit_switch(tok):
+    """data.noise_limit (paper Table 8): on (the paper's), an image that text follows draws
+    t < T/2; off, every image draws from the whole [0, T). Through the pipeline too."""
+    rng = np.random.default_rng(0)
+    image = np.full((20, 30, 3), 200, np.uint8)
+    parts = {"parts": [{"text": "hi"}, {"image": image}, {"text": "q a"}, {"image": image}]}
+    for limit, limited in ((True, 500), (False, 1000)):
+        image_first = builder(tok, p_uncond=0.0, caption_first_prob=0.0, noise_limit=limit)
+        assert image_first({"image": image, "caption": "x"}, rng)["max_timestep"].tolist() == [
+            limited]
+        assert image_first(parts, rng)["max_timestep"].tolist() == [limited, 1000]
+        caption_first = builder(tok, p_uncond=0.0, caption_first_prob=1.0, noise_limit=limit)
+        assert caption_first({"image": image, "caption": "x"}, rng)["max_timestep"].tolist() == [
+            1000]
+        config = get_data_config(seq_len=256, batch_size=2, image_size=S, read_threads=1,
+                                 caption_first_prob=0.0, p_uncond=0.0, noise_limit=limit)
+        batch = next(make_pipeline(config, patches_per_image=P, tokenizer=tok))
+        used = batch["max_timestep"][batch["image_mask"]]
+        assert used.size and (limited in used) and set(used.tolist()) <= {limited, 1000}
 
 
 def test_bad_records_are_counted_by_reason(tok, tmp_path):

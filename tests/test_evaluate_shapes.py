@@ -1,4 +1,6 @@
 """Shapes scores: rendered truth scores 100%, corrupted images and captions score lower."""
+import re
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,92 @@ def test_corrupted_images_and_captions_score_lower():
 def test_mismatched_lengths_name_the_arguments():
     with pytest.raises(ValueError, match="2 predictions for 1 truths"):
         ev.score_objects([[], []], [[]])
+
+
+# ---------------------------------------------------------------- question answering
+
+def test_answers_score_by_exact_match_up_to_the_first_full_stop():
+    questions = ["How many shapes are there?", "What colour is the shape in the top?",
+                 "What shape is in the left?", "What size is the shape in the center?",
+                 "Is there a red circle?", "What is in the top left?", "What shape is in the top?"]
+    answers = ["three", "red", "a circle", "small", "yes", "a small red circle", "a square"]
+    generated = [" three. Question: How many shapes", "Red.", " a  circle", "large.", " yes .",
+                 "a small red square.", "square."]  # right x4; wrong size, object, article
+    assert ev.normalise_answer(" A small  red circle. Question: x.") == "a small red circle"
+    scores = ev.score_answers(generated, questions, answers)
+    assert scores["all"] == {"items": 7, "accuracy": 4 / 7}
+    assert scores["shape"] == {"items": 2, "accuracy": 0.5}
+    assert scores["size"]["accuracy"] == scores["contents"]["accuracy"] == 0.0
+    assert ev.answer_scalars(scores)["accuracy_exists"] == 1.0
+    assert "| all | 7 | 57.1% |" in ev.format_answer_table(scores)
+    assert ev.score_answers(answers, questions, answers)["all"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="not a shapes-world question"):
+        ev.question_kind("Why?")
+
+
+def test_heldout_questions_are_fixed_and_about_the_heldout_scenes():
+    qa = ev.heldout_questions(0, N)
+    assert qa == ev.heldout_questions(0, N)
+    assert {ev.question_kind(q) for q, _ in qa} == set(ev.QUESTION_KINDS)
+    numbers = ("zero", "one", "two", "three")
+    for (q, a), (scene, _) in zip(qa, heldout()):
+        if ev.question_kind(q) == "count":
+            assert a == numbers[len(scene.objects)]
+
+
+class _Tokenizer:
+    def encode(self, text):
+        return list(text.encode())
+
+
+def test_report_opens_with_figures_and_holds_answers_and_latent_std(tmp_path, monkeypatch):
+    """The evaluator on fake generations (run_tasks stubbed: no model): true images and captions
+    back, latents twice the data's scale, every other answer right; report.md's figures exist."""
+    from transfusion_jax.core.config import load_config
+    from transfusion_jax.evaluators import shapes as shapes_eval
+    from transfusion_jax.evaluators.common import Context
+    from transfusion_jax.models.autoencoder.codec import IDENTITY
+
+    config = load_config("experiments/transfusion.py:tiny")
+    config.data.image_size = 48  # large enough for the image parser (no model reads it here)
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        f'{{"step": {s}, "lm_loss": {5 / s}, "diffusion_loss": {1 / s}}}\n' for s in range(1, 101)))
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "50.json").write_text(
+        '{"shapes/answer/accuracy": 0.25, "denoising/cond/gain_t600": 0.01}')
+    evaluator = shapes_eval.Evaluator(Context(config, _Tokenizer(), IDENTITY, str(tmp_path)),
+                                      num=4, steps=2)
+
+    def fake_run_tasks(config, variables, tokenizer, sampling, *, prompts=(), images=(),
+                       question="", names=(), codec=None, **_):
+        out = []
+        for i, _ in enumerate(prompts):
+            pixels = evaluator.images[i]
+            out.append(dict(task="text_to_image", pixels=[pixels], text="", latents=[
+                2 * (pixels.astype(np.float32) / 127.5 - 1)]))
+        for name, q in zip(names, question):  # a caption ("") and a question per image
+            i = int(name.rsplit("_", 1)[1])
+            if q:
+                answer = evaluator.answers[i] if i % 2 == 0 else "purple"
+                out.append(dict(task="answer", pixels=[], latents=[], text=f" {answer}. More"))
+            else:
+                out.append(dict(task="image_to_text", pixels=[], latents=[],
+                                text=evaluator.captions[i]))
+        return out
+
+    monkeypatch.setattr(shapes_eval, "run_tasks", fake_run_tasks)
+    out_dir = tmp_path / "evals" / "100" / "shapes"
+    out_dir.mkdir(parents=True)
+    scores = evaluator.run(None, str(out_dir))
+    assert scores["text_to_image/object"] == scores["image_to_text/object"] == 1.0
+    assert scores["answer/accuracy"] == 0.5 and scores["answer/items"] == 4
+    assert scores["text_to_image/latent_std"] == pytest.approx(
+        2 * scores["text_to_image/data_latent_std"], rel=1e-5)
+    report = (out_dir / "report.md").read_text()
+    figures = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert figures[:2] == ["text_to_image.png", "image_to_text.png"]
+    assert "training_curves.png" in figures
+    assert report.index("image_to_text.png") < report.index("| text_to_image | 4 |")
+    for name in figures:
+        assert (out_dir / name).stat().st_size > 1000, name
+    assert "| all | 4 | 50.0% |" in report

@@ -118,9 +118,9 @@ def test_cached_denoising_step_equals_full_forward(patch):
 
     @jax.jit  # one compilation for both paths (the U-Net dominates compile time)
     def both_paths(prompt):
-        full = lambda t: model.apply(params, batch, images, t)["eps"][:, 1]
+        full = lambda t: model.apply(params, batch, images, t)["prediction"][:, 1]
         cache, _ = gen.prefill(model, params, init_cache(cfg, 2, 3 * p + 16), prompt)
-        step = lambda t: gen.denoise_eps(model, params, cache, images[:, 1], t, jnp.ones(2, bool))
+        step = lambda t: gen.denoise(model, params, cache, images[:, 1], t, jnp.ones(2, bool))
         # Two steps on the same cache: a step leaves the cache as it was.
         return step(t[:, 1]), full(t), step(t2[:, 1]), full(t2)
 
@@ -146,7 +146,7 @@ def full_recompute_sample(model, params, prompt, key, tables, guidance=None, unc
                 [jnp.full((b, lp), -1, jnp.int32), chunk["patch_index"]], 1)
             full["patch_positions"] = (lp + jnp.arange(p))[None, None].repeat(b, 0)
             imgs = x_t[:, None]
-            return model.apply(params, full, imgs, jnp.full((b, 1), t, jnp.int32))["eps"][:, 0]
+            return model.apply(params, full, imgs, jnp.full((b, 1), t, jnp.int32))["prediction"][:, 0]
         return eps_fn
 
     def eps_fn(x, t):

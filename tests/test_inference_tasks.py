@@ -38,6 +38,9 @@ def test_every_task_writes_grids_and_text(tmp_path):
     assert tasks.count("text_to_image") == 4 and tasks.count("image_to_text") == 2
     assert tasks.count("free") == 2
     assert all(r["images"] == 1 for r in records if r["task"] == "text_to_image")
+    latent_shape = (config.model.latent_size,) * 2 + (config.model.latent_channels,)
+    assert all(len(r["latents"]) == r["images"] == len(r["pixels"]) for r in records)
+    assert all(z.shape == latent_shape for r in records for z in r["latents"])
     assert all(r["images"] == 0 for r in records if r["task"] == "image_to_text")
     grid = np.asarray(Image.open(tmp_path / "text_to_image.png"))
     assert grid.shape == (2 * (size + 2), 2 * (size + 2), 3)
@@ -48,6 +51,12 @@ def test_arguments_are_checked():
         generate_cli.parse_args(["--workdir", "w"])
     with pytest.raises(SystemExit):
         generate_cli.parse_args(["--workdir", "w", "--question", "why?", "--prompt", "x"])
+    config = load_config("experiments/transfusion.py:tiny")
+    with pytest.raises(ValueError, match="1 questions for 2 images: expected one question, or "
+                                         "one per image"):
+        run_tasks(config, None, FakeTokenizer(), Sampling(), images=["a", "b"], question=["q"])
+    with pytest.raises(ValueError, match="question needs images"):
+        run_tasks(config, None, FakeTokenizer(), Sampling(), question=["q"])
 
 
 def test_sampling_options_are_checked():

@@ -54,8 +54,8 @@ def _changed(apply, o1, batch2, x2, t2, cfg, info, batch):
     o2 = apply(batch2, x2, t2)
     is_text = info["image"] < 0
     d_logits = np.abs(np.asarray(o1["logits"] - o2["logits"])).max(-1)
-    d_eps = np.abs(_patch_outputs(o1["eps"], cfg, info, batch)
-                   - _patch_outputs(o2["eps"], cfg, info, batch)).max(-1)
+    d_eps = np.abs(_patch_outputs(o1["prediction"], cfg, info, batch)
+                   - _patch_outputs(o2["prediction"], cfg, info, batch)).max(-1)
     diff = np.where(is_text, d_logits, d_eps)
     valid = info["doc"] > 0
     return (diff > 1e-5) & valid, diff
@@ -111,14 +111,14 @@ def test_document_packed_with_others_equals_document_alone():
     out = model.apply(params, batch, x, t)
     ref = model.apply(params, alone, x_alone, t_alone)
     np.testing.assert_allclose(out["logits"][0, where], ref["logits"][0, :n], atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(out["eps"][0, 1:3], ref["eps"][0, :2], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(out["prediction"][0, 1:3], ref["prediction"][0, :2], atol=1e-5, rtol=1e-5)
     assert np.array_equal(info_alone["doc"][0, :n], np.full(n, 1))
 
 
 def _loss_fn(model, batch, x, t):
     def loss(params):
         out = model.apply(params, batch, x, t)
-        return losses.transfusion_loss(out, batch, jnp.ones_like(out["eps"]))[0]
+        return losses.transfusion_loss(out, batch, jnp.ones_like(out["prediction"]))[0]
     return loss
 
 
@@ -129,7 +129,7 @@ def test_blockwise_model_equals_dense_in_values_and_gradients(patch):
     model_d, params, batch, info, x, t = setup_model(dense)
     model_b = Transfusion(tiny(patch=patch, attention="blockwise", attention_block=16))
     out_d, out_b = model_d.apply(params, batch, x, t), model_b.apply(params, batch, x, t)
-    for key in ("logits", "eps"):
+    for key in ("logits", "prediction"):
         np.testing.assert_allclose(out_b[key], out_d[key], atol=1e-5, rtol=1e-5)
     g_d = jax.jit(jax.grad(_loss_fn(model_d, batch, x, t)))(params)
     g_b = jax.jit(jax.grad(_loss_fn(model_b, batch, x, t)))(params)
@@ -155,7 +155,7 @@ def test_sharded_forward_on_2x2x2_mesh_equals_single_device(patch):
         args = jax.device_put((batch, x, t), data)
         got = jax.jit(model.apply)(sharded_params, *args)
     assert len(got["logits"].sharding.device_set) == 8
-    for key in ("logits", "eps"):
+    for key in ("logits", "prediction"):
         np.testing.assert_allclose(got[key], expected[key], atol=1e-5, rtol=1e-5)
 
 
@@ -239,5 +239,5 @@ def test_kernel_model_equals_dense(impl, monkeypatch):
     model_k = Transfusion(tiny(attention=impl, attention_block=128))
     out_d, out_k = model_d.apply(params, batch, x, t), model_k.apply(params, batch, x, t)
     assert calls, f"{impl} never ran"
-    for key in ("logits", "eps"):
+    for key in ("logits", "prediction"):
         np.testing.assert_allclose(out_k[key], out_d[key], atol=2e-5, rtol=2e-5)

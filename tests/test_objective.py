@@ -53,7 +53,7 @@ def test_loss_ignores_boi_inputs_patches_padding_and_empty_slots():
     noise = jnp.zeros_like(eps_hat)
 
     def total(logits, eps_hat):
-        return objectives.transfusion_loss({"logits": logits, "eps": eps_hat}, batch, noise)[0]
+        return objectives.transfusion_loss({"logits": logits, "prediction": eps_hat}, batch, noise)[0]
 
     g_logits, g_eps = jax.grad(total, (0, 1))(logits, eps_hat)
     touched = np.abs(np.asarray(g_logits[0])).sum(-1) > 0
@@ -63,7 +63,7 @@ def test_loss_ignores_boi_inputs_patches_padding_and_empty_slots():
     assert not touched[is_boi | is_patch | is_pad].any()
     assert touched[:3].all() and touched[8:10].all()
     assert np.abs(np.asarray(g_eps[0, 1])).sum() == 0  # slot 1 unused
-    _, metrics = objectives.transfusion_loss({"logits": logits, "eps": eps_hat}, batch, noise)
+    _, metrics = objectives.transfusion_loss({"logits": logits, "prediction": eps_hat}, batch, noise)
     assert metrics["text_tokens"] == 5 and metrics["images"] == 1
     per_image = float(jnp.mean(eps_hat[0, 0] ** 2))
     np.testing.assert_allclose(metrics["diffusion_loss"], per_image, rtol=1e-6)

@@ -252,8 +252,10 @@ def test_pipeline_batches_equal_the_pixel_pipeline(latents_dir, codec, tok):
         assert b["latents"].dtype == np.float32 and b["latents"].shape == (4, 4, *LATENT)
         used = a["image_mask"]
         assert used.any() and not used.all()
+        # The same encoder on other batch sizes (precompute's batches, these rows' used slots):
+        # float32 convolutions differ by ~2e-6 between batch shapes, nothing more.
         np.testing.assert_allclose(b["latents"][used], encode(codec.variables, a["images"][used]),
-                                   atol=1e-6, rtol=0)
+                                   atol=1e-5, rtol=0)
         assert not b["latents"][~used].any()  # empty slots: zeros, as empty pixel slots
 
 

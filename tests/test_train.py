@@ -172,6 +172,7 @@ def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
         assert (straight / "evals" / str(step) / "shapes" / "report.md").exists()
         scores = json.loads((straight / "evals" / f"{step}.json").read_text())
         assert 0 <= scores["shapes/text_to_image/object"] <= 1, scores
+        assert scores["shapes/answer/items"] == scores["shapes/image_to_text/items"] == 2, scores
     # The evaluate entry point on the step-50 checkpoint gives the numbers training gave there.
     during_training = json.loads((straight / "evals" / "50.json").read_text())
     (straight / "evals" / "50.json").unlink()

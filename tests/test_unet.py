@@ -1,5 +1,5 @@
-"""U-Net patch encoder/decoder: shapes, conditioning, skips, per-image independence, sharding
-annotations, parameter count at paper scale, bfloat16."""
+"""U-Net patch encoder/decoder: shapes, conditioning, skips, self-attention, per-image
+independence, sharding annotations, parameter count at paper scale, bfloat16."""
 import functools
 import math
 
@@ -9,7 +9,7 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from transfusion_jax.models.unet import UNET_PRESETS, UNetDown, UNetUp, unet_config
+from transfusion_jax.models.unet import UNET_PRESETS, AttentionBlock, UNetDown, UNetUp, unet_config
 from transfusion_jax.core.sharding import DEFAULT_RULES
 
 N, H, C, D = 3, 8, 4, 32
@@ -100,6 +100,12 @@ def test_bad_fields_raise():
                  num_res_blocks=1).init(jax.random.key(0), x, t)
     with pytest.raises(ValueError, match="preset"):
         unet_config("huge", 2)
+    with pytest.raises(ValueError, match="attention_levels"):
+        UNetDown(dim=D, patch_size=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_levels=(2,)).init(jax.random.key(0), x, t)
+    with pytest.raises(ValueError, match="attention_head_channels"):
+        UNetDown(dim=D, patch_size=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                 attention_levels=(1,), attention_head_channels=5).init(jax.random.key(0), x, t)
 
 
 def test_every_skip_changes_eps():
@@ -139,6 +145,45 @@ def test_images_are_independent():
         np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(a[2], b[2], rtol=1e-6, atol=1e-6)
         assert not np.allclose(a[1], b[1])
+
+
+def test_attention_blocks_where_improved_ddpm_has_them():
+    """ADM self-attention after every ResBlock of the levels >= 1, in both halves (improved
+    DDPM's 16x16 and 8x8 on 32x32 inputs); none at the latent's own resolution."""
+    assert unet_config("tiny", 2)["attention_levels"] == (1,)
+    assert unet_config("paper", 8)["attention_levels"] == (1, 2, 3)
+    assert unet_config("paper", 1)["attention_levels"] == ()
+    _, _, vd, vu = abstract(4)  # levels 0, 1, 2; one ResBlock per level (tiny)
+    down, up = set(vd["params"]), set(vu["params"])
+    assert {n for n in down if "_attn" in n} == {"down1_attn0", "down2_attn0"}
+    assert {n for n in up if "_attn" in n} == {"up1_attn0", "up1_attn1", "up2_attn0",
+                                               "up2_attn1"}
+
+
+def test_attention_block_equals_a_reference():
+    """GroupNorm, q/k/v, softmax over all positions of the image per head, projection,
+    residual: numpy against the module (randomized params: the projection is zero at init)."""
+    block = AttentionBlock(head_channels=8)
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+    params = randomized(jax.eval_shape(block.init, jax.random.key(0), x), 1)
+    got = np.asarray(jax.jit(block.apply)(params, x))
+    p = params["params"]
+    xs = np.asarray(x, np.float64).reshape(2, 16, 32)
+    groups = xs.reshape(2, 16, 32, 1)  # gcd(32, 32) = 32 groups of one channel
+    mean, var = groups.mean(axis=1, keepdims=True), groups.var(axis=1, keepdims=True)
+    y = ((groups - mean) / np.sqrt(var + 1e-5)).reshape(2, 16, 32)
+    y = y * np.asarray(p["norm"]["scale"]) + np.asarray(p["norm"]["bias"])
+    qkv = y @ np.asarray(p["qkv"]["kernel"]) + np.asarray(p["qkv"]["bias"])
+    q, k, v = np.split(qkv.reshape(2, 16, 12, 8), 3, axis=2)  # 4 heads of 8 channels
+    s = np.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(8)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    o = np.einsum("nhqk,nkhd->nqhd", a, v).reshape(2, 16, 32)
+    want = xs + o @ np.asarray(p["proj"]["kernel"]) + np.asarray(p["proj"]["bias"])
+    np.testing.assert_allclose(got.reshape(2, 16, 32), want, atol=1e-4, rtol=1e-4)
+    # Each image on its own: the second image does not change the first's output.
+    other = np.asarray(jax.jit(block.apply)(params, x.at[1].add(1.0)))
+    np.testing.assert_allclose(other[0], got[0], atol=1e-6)
 
 
 @pytest.mark.slow

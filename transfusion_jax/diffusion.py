@@ -27,20 +27,35 @@ def cosine_alpha_bar(u, s: float = 0.008):
     return f(np.asarray(u, np.float64)) / f(0.0)
 
 
-def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999):
+def cosine_schedule(num_timesteps: int = 1000, s: float = 0.008, max_beta: float = 0.999,
+                    snr_shift: float = 1.0):
+    """The cosine schedule; `snr_shift` > 1 divides every step's signal-to-noise ratio by
+    snr_shift^2 (Hoogeboom et al. 2023, "simple diffusion"; SD3's resolution shift): more of
+    the T steps at noise where the image is not yet readable from x_t, so where the caption
+    decides. 1 is the paper's schedule."""
     if num_timesteps < 1:
         raise ValueError(f"diffusion.timesteps={num_timesteps}; expected a positive integer")
+    if not snr_shift > 0:
+        raise ValueError(f"diffusion.snr_shift={snr_shift}; expected a number > 0 (1: off)")
     u = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps
     abar = cosine_alpha_bar(u, s)
+    if snr_shift != 1.0:
+        abar = abar / (abar + snr_shift ** 2 * (1.0 - abar))  # SNR' = SNR / shift^2
     betas = np.minimum(1.0 - abar[1:] / abar[:-1], max_beta)  # float64, then cast once
     return Schedule(jnp.asarray(betas, jnp.float32),
                     jnp.asarray(np.cumprod(1.0 - betas), jnp.float32))
 
 
-def make_schedule(name: str, num_timesteps: int) -> Schedule:
+def make_schedule(name: str, num_timesteps: int, snr_shift: float = 1.0) -> Schedule:
     if name != "cosine":
         raise ValueError(f"diffusion.schedule={name!r}; expected 'cosine'")
-    return cosine_schedule(num_timesteps)
+    return cosine_schedule(num_timesteps, snr_shift=snr_shift)
+
+
+def schedule_from_config(diffusion_config) -> Schedule:
+    """The schedule of a run's config.diffusion (snr_shift absent: 1, the paper's)."""
+    return make_schedule(diffusion_config.schedule, diffusion_config.timesteps,
+                         diffusion_config.get("snr_shift", 1.0))
 
 
 def sample_timesteps(key, max_timestep):
@@ -52,6 +67,69 @@ def q_sample(schedule: Schedule, x0, t, noise):
     """x_t for latents x0 [B, M, H, W, C], timesteps t [B, M] and noise like x0."""
     abar = schedule.alphas_cumprod[t][..., None, None, None]
     return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+
+
+# ---------------------------------------------------------------------------------------------
+# What the diffusion head predicts (config.diffusion.prediction). The paper predicts the noise
+# (eps, equation 3). eps-prediction implies x0 = (x_t - sigma eps) / alpha, which multiplies the
+# head's error by sigma / alpha: 1 / 5e-5 at t = 999 of the cosine schedule, so a small model's
+# first sampling steps land far off (issue 19). v = alpha eps - sigma x0 (Salimans & Ho 2022)
+# and x0-prediction keep the implied x0's error bounded at every t. The loss is always taken
+# on the predicted quantity; `loss_weights` can re-weight it over t.
+
+PREDICTIONS = ("eps", "v", "x0")
+LOSS_WEIGHTINGS = ("none", "min_snr")
+
+
+def _alpha_sigma(schedule: Schedule, t):
+    abar = schedule.alphas_cumprod[t][..., None, None, None]
+    return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
+
+def prediction_target(schedule: Schedule, x0, t, noise, prediction: str):
+    """What the head should output for x_t = q_sample(x0, t, noise)."""
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        alpha, sigma = _alpha_sigma(schedule, t)
+        return alpha * noise - sigma * x0
+    raise ValueError(f"diffusion.prediction={prediction!r}; expected one of {PREDICTIONS}")
+
+
+def from_prediction(output, x_t, alpha, sigma, prediction: str):
+    """(eps, x0) that the head's `output` at x_t implies, with alpha = sqrt(abar_t) and
+    sigma = sqrt(1 - abar_t) broadcastable to x_t."""
+    output = output.astype(jnp.float32)
+    if prediction == "eps":
+        return output, (x_t - sigma * output) / alpha
+    if prediction == "v":  # x0 = alpha x_t - sigma v, eps = sigma x_t + alpha v
+        return sigma * x_t + alpha * output, alpha * x_t - sigma * output
+    if prediction == "x0":
+        return (x_t - alpha * output) / sigma, output
+    raise ValueError(f"diffusion.prediction={prediction!r}; expected one of {PREDICTIONS}")
+
+
+def eps_and_x0(output, x_t, t, schedule: Schedule, prediction: str):
+    """from_prediction at integer timesteps t [...] of `schedule` (x_t [..., H, W, C])."""
+    alpha, sigma = _alpha_sigma(schedule, t)
+    return from_prediction(output, x_t, alpha, sigma, prediction)
+
+
+def loss_weights(schedule: Schedule, t, prediction: str, weighting: str, gamma: float = 5.0):
+    """Per-image weights of the MSE over t [...]. "none": 1 (the paper). "min_snr": Min-SNR-gamma
+    (Hang et al. 2023), min(SNR, gamma) as an x0-loss weight, expressed for the predicted
+    quantity: / SNR for eps, / (SNR + 1) for v, as is for x0."""
+    if weighting == "none":
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting != "min_snr":
+        raise ValueError(f"diffusion.loss_weighting={weighting!r}; expected one of "
+                         f"{LOSS_WEIGHTINGS}")
+    abar = schedule.alphas_cumprod[t]
+    snr = abar / (1.0 - abar)
+    clipped = jnp.minimum(snr, gamma)
+    return {"eps": clipped / snr, "v": clipped / (snr + 1.0), "x0": clipped}[prediction]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +171,7 @@ class SamplerTables(NamedTuple):
     sigma: np.ndarray      # float32 [K], sqrt(1 - abar_t)
     coefs: dict            # sampler-specific float32 [K] arrays, see `_COEFS`
     clip_x0: float = 0.0   # > 0: clip the predicted x0 to [-clip_x0, clip_x0] (bounded data)
+    prediction: str = "eps"  # what the model function returns: eps, v or x0 (PREDICTIONS)
 
     @property
     def num_steps(self) -> int:
@@ -132,14 +211,18 @@ _COEFS = {"ddpm": _ddpm_coefs, "ddim": _ddim_coefs, "dpm++2m": _dpm_coefs}
 
 
 def sampler_tables(schedule: Schedule, name: str, num_steps: int, eta: float = 0.0,
-                   spacing: str | None = None, clip_x0: float = 0.0) -> SamplerTables:
+                   spacing: str | None = None, clip_x0: float = 0.0,
+                   prediction: str = "eps") -> SamplerTables:
     """Coefficients of sampler `name` ("ddpm", "ddim" with `eta`, "dpm++2m") in `num_steps`
     steps, spaced by `spacing` (None: DEFAULT_SPACING of the sampler).
 
     `clip_x0` > 0 clips each predicted x0 to that range (improved-diffusion's clip_denoised),
     for data known to be bounded, such as pixels in [-1, 1]. Without it, the first step's
     x0 = (x_T - sigma eps) / alpha divides the model's eps error by sqrt(abar_999) ~ 5e-5 with
-    the cosine schedule, and a deterministic sampler never recovers from that x0."""
+    the cosine schedule, and a deterministic sampler never recovers from that x0.
+    `prediction`: what the model function of `sample` returns (config.diffusion.prediction)."""
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={prediction!r}; expected one of {PREDICTIONS}")
     if clip_x0 < 0:
         raise ValueError(f"clip_x0={clip_x0}; expected 0 (off) or a positive bound")
     if name not in SAMPLERS:
@@ -152,7 +235,8 @@ def sampler_tables(schedule: Schedule, name: str, num_steps: int, eta: float = 0
     abar_next = np.append(abar[1:], 1.0)
     coefs = {k: np.asarray(v, np.float32) for k, v in _COEFS[name](abar, abar_next, eta).items()}
     return SamplerTables(name, kept.astype(np.int32), np.sqrt(abar).astype(np.float32),
-                         np.sqrt(1 - abar).astype(np.float32), coefs, float(clip_x0))
+                         np.sqrt(1 - abar).astype(np.float32), coefs, float(clip_x0),
+                         prediction)
 
 
 def _update(name, c, x, eps, x0, x0_prev, z):
@@ -165,20 +249,20 @@ def _update(name, c, x, eps, x0, x0_prev, z):
     return c["x_ratio"] * x - c["d"] * d
 
 
-def sample(eps_fn, x_T, key, tables: SamplerTables):
+def sample(model_fn, x_T, key, tables: SamplerTables):
     """Run a sampler from x_T (pure noise) to the clean sample.
 
-    eps_fn(x, t) -> the predicted noise of x at int32 scalar timestep t (the model's, possibly
-    with guidance). The ancestral noise of step i is normal(fold_in(key, i)): same key, same
-    sample."""
+    model_fn(x, t) -> the model's output for x at int32 scalar timestep t (possibly with
+    guidance): the noise, or v or x0 as `tables.prediction` says. The ancestral noise of step i
+    is normal(fold_in(key, i)): same key, same sample."""
     t_all = jnp.asarray(tables.timesteps)
     alpha, sigma = jnp.asarray(tables.alpha), jnp.asarray(tables.sigma)
     coefs = {k: jnp.asarray(v) for k, v in tables.coefs.items()}
 
     def body(i, carry):
         x, x0_prev = carry
-        eps = eps_fn(x, t_all[i]).astype(jnp.float32)
-        x0 = (x - sigma[i] * eps) / alpha[i]
+        eps, x0 = from_prediction(model_fn(x, t_all[i]), x, alpha[i], sigma[i],
+                                  tables.prediction)
         if tables.clip_x0:  # and the eps that the clipped x0 implies, as improved-diffusion does
             x0 = jnp.clip(x0, -tables.clip_x0, tables.clip_x0)
             eps = (x - alpha[i] * x0) / sigma[i]

@@ -66,7 +66,8 @@ def main(argv=None):
                         free=args.free, out=out)
     with open(os.path.join(out, "generations.jsonl"), "w") as f:
         for rec in records:
-            f.write(json.dumps({k: v for k, v in rec.items() if k != "pixels"}) + "\n")
+            f.write(json.dumps({k: v for k, v in rec.items()
+                                if k not in ("pixels", "latents")}) + "\n")
             print(f"[{rec['task']}] {rec['input']!r} #{rec['sample']}: {rec['text']!r}"
                   f"{'  (+%d image)' % rec['images'] if rec['images'] else ''}")
     print(f"wrote {out}")

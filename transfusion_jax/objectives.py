@@ -48,18 +48,22 @@ def chunked_lm_loss_terms(hidden, lm_head, targets, weights, chunk: int):
     return total, jnp.sum(weights)
 
 
-def ddpm_loss_terms(eps_hat, eps, image_mask):
-    """(sum over used slots of per-image MSE, number of used slots)."""
-    per_image = jnp.mean(jnp.square(eps_hat.astype(jnp.float32) - eps), axis=(-3, -2, -1))
+def ddpm_loss_terms(prediction, target, image_mask, image_weights=None):
+    """(sum over used slots of per-image MSE, times `image_weights` [B, M] when given (a
+    weighting over t, diffusion.loss_weights), number of used slots)."""
+    per_image = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(-3, -2, -1))
     used = image_mask.astype(jnp.float32)
+    if image_weights is not None:
+        per_image = per_image * image_weights
     return jnp.sum(per_image * used), jnp.sum(used)
 
 
-def transfusion_loss(outputs, batch, noise, ddpm_weight: float = 5.0, normalizers=None,
-                     lm_head=None, logits_chunk: int = 0):
-    """Total loss and a metrics dict; `noise` is the eps that produced the noised latents.
+def transfusion_loss(outputs, batch, target, ddpm_weight: float = 5.0, normalizers=None,
+                     lm_head=None, logits_chunk: int = 0, image_weights=None):
+    """Total loss and a metrics dict; `target` is what the diffusion head should predict: the
+    eps that produced the noised latents (the paper), or v or x0 (diffusion.prediction_target).
 
-    `outputs` holds "eps" and either "logits" [B, L, V] or, with `lm_head` (hidden -> logits)
+    `outputs` holds "prediction" and either "logits" [B, L, V] or, with `lm_head` (hidden -> logits)
     and `logits_chunk` >= 1, the final hidden states "hidden" [B, L, D] (chunked LM terms).
     `normalizers` = (text tokens, images) of the whole batch when `batch` is one microbatch of
     it, so that the microbatch losses (and gradients) add up to the whole batch's exactly."""
@@ -71,7 +75,8 @@ def transfusion_loss(outputs, batch, noise, ddpm_weight: float = 5.0, normalizer
     else:
         raise ValueError("transfusion_loss: outputs have no 'logits'; chunked LM terms need "
                          "'hidden', lm_head and logits_chunk >= 1")
-    ddpm_sum, images = ddpm_loss_terms(outputs["eps"], noise, batch["image_mask"])
+    ddpm_sum, images = ddpm_loss_terms(outputs["prediction"], target, batch["image_mask"],
+                                       image_weights)
     norm_tokens, norm_images = normalizers if normalizers is not None else (tokens, images)
     lm = lm_sum / jnp.maximum(norm_tokens, 1.0)
     ddpm = ddpm_sum / jnp.maximum(norm_images, 1.0)

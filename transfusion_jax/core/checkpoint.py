@@ -213,15 +213,18 @@ def has_checkpoints(workdir: str) -> bool:
     return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
 
 
-def check_resume(workdir: str, config, free: tuple[str, ...], allowed: tuple[str, ...] = ()):
+def check_resume(workdir: str, config, free: tuple[str, ...], allowed: tuple[str, ...] = (),
+                 added: dict | None = None):
     """Before a resume writes anything: every field whose value differs from the workdir's saved
     config.json must be `free` (logging, checkpointing, evaluation, mesh: they change neither
     the model nor the batches) or named in `allowed` (the user's --allow_config_changes, for an
     intended change such as a longer schedule); else ValueError listing each field, saved and
-    new value. Nothing to check when the workdir has no checkpoint yet."""
+    new value. `added`: fields that later versions added, with the value that behaves as a
+    config without them did (a workdir saved before them reads as having that value). Nothing
+    to check when the workdir has no checkpoint yet."""
     if not has_checkpoints(workdir):
         return []
-    saved = _flatten(read_config(workdir).to_dict())
+    saved = {**(added or {}), **_flatten(read_config(workdir).to_dict())}
     new = _flatten(json.loads(config.to_json_best_effort()))
     changed = sorted(f for f in set(saved) | set(new) if saved.get(f, "<absent>") !=
                      new.get(f, "<absent>") and not _matches(f, free))

@@ -1,5 +1,14 @@
 """AdamW with the paper's schedule (section 4.1): linear warmup to lr, cosine decay to final_lr,
-global-norm clipping. Weight decay applies to matrices only (not to norm scales or biases)."""
+global-norm clipping.
+
+Weight decay (0.1, the paper follows Llama) is masked by parameter role, read off the name of
+each leaf (`decay_mask`), never off its rank: `nn.scan` stacks the per-layer RMSNorm scales to
+[depth, dim], which a rank rule would decay. Decayed: the weight matrices, i.e. the kernels of
+Dense and conv layers (`kernel`), the attention projections (`query`, `key`, `value`, `out`),
+the token embedding (`embed`) and with it the LM head's kernel. Not decayed: norm scales
+(`scale`: RMSNorm, GroupNorm) and biases (`bias`). A parameter of another name is refused
+(ValueError naming it) rather than guessed at: add it to DECAYED or NOT_DECAYED.
+"""
 import jax
 import optax
 
@@ -18,6 +27,10 @@ RULES = (
     ("optimizer.grad_clip", positive_number),
 )
 
+# Parameter names (the last key of a leaf's path) by whether weight decay applies.
+DECAYED = frozenset({"kernel", "query", "key", "value", "out", "embed"})
+NOT_DECAYED = frozenset({"scale", "bias"})
+
 
 def learning_rate(opt, total_steps: int) -> optax.Schedule:
     if not 0 <= opt.warmup_steps < total_steps:
@@ -28,8 +41,27 @@ def learning_rate(opt, total_steps: int) -> optax.Schedule:
         decay_steps=total_steps, end_value=opt.final_lr)
 
 
+def _leaf_name(path) -> str:
+    """The last dict key of a leaf's path (boxed params add an attribute key after it)."""
+    names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return str(names[-1]) if names else ""
+
+
+def decay_mask(params):
+    """The params tree with True where weight decay applies (see the module doc)."""
+    def decayed(path, _):
+        name = _leaf_name(path)
+        if name in DECAYED:
+            return True
+        if name in NOT_DECAYED:
+            return False
+        raise ValueError(f"weight decay: parameter {jax.tree_util.keystr(path)} has the name "
+                         f"{name!r}, in neither core/optim.py DECAYED {sorted(DECAYED)} nor "
+                         f"NOT_DECAYED {sorted(NOT_DECAYED)}")
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
 def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(opt.grad_clip),
         optax.adamw(learning_rate(opt, total_steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,

@@ -26,7 +26,11 @@ def _defaults() -> ml_collections.ConfigDict:
     c.caption_first_prob = 0.8
     c.p_uncond = 0.1  # caption dropout, for classifier-free guidance
     c.num_timesteps = 1000  # T; an image before its caption gets max_timestep T // 2
+    c.noise_limit = True  # that limit (paper Table 8); False: every image noised over [0, T)
     c.text_to_patch_ratio = 1.0  # text-only-document tokens : image patches
+    # A text-only document that does not fit the rest of a row is split to fill it (rows of
+    # concatenated text, as the paper's); false: the row closes padded (documents stay whole).
+    c.pack_split_text = True
     # Determinism, epochs and parallelism.
     c.seed = 0
     c.num_epochs = 0  # 0: repeat forever
@@ -105,7 +109,11 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
     _check(c.max_images == -1 or c.max_images >= 1, "max_images", c.max_images, "-1 (as many as fit) or >= 1")
     for field in ("caption_first_prob", "p_uncond", "shapes_interleaved_fraction"):
         _check(0.0 <= c[field] <= 1.0, field, c[field], "a probability in [0, 1]")
+    _check(isinstance(c.pack_split_text, bool), "pack_split_text", c.pack_split_text,
+           "true or false")
     _check(c.text_to_patch_ratio > 0, "text_to_patch_ratio", c.text_to_patch_ratio, "a number > 0")
+    noise_limit = c.get("noise_limit", True)  # configs written before the field: the paper's
+    _check(isinstance(noise_limit, bool), "noise_limit", noise_limit, "true or false")
     _check(c.shapes_split in SHAPES_SPLITS, "shapes_split", c.shapes_split, f"one of {SHAPES_SPLITS}")
     _check(c.tokenizer_train_source in ("shapes", "sources"), "tokenizer_train_source",
            c.tokenizer_train_source, "'shapes' or 'sources'")

@@ -14,7 +14,8 @@ A document is a dict of arrays, the unit the mixer and the packer work on:
   tokens [n] int32: BOS ... EOS with BOI, P PAD placeholders, EOI for each image
   boi [k] int32: index of each image's BOI in tokens
   images [k, S, S, 3] float32 in [-1, 1] (or [k, h, w, C] raw latents: `image_slot`)
-  max_timestep [k] int32
+  max_timestep [k] int32: T, or T // 2 for an image that text follows (the noise limit, paper
+      section 4.1 and Table 8; `noise_limit=False`, data.noise_limit, gives every image T)
   counts: counter vector (counters.py)
 A record that cannot become a document gives an empty document (n = 0) whose counts say why:
 bad input is counted, never fatal and never silent.
@@ -124,11 +125,16 @@ class DocumentBuilder:
 
     With `latent_shape` the records' images are precomputed latents of that shape (the latents
     source), taken as they are; every other step, and every random draw, is the pixel path's,
-    so a record gives the same document either way but for its images."""
+    so a record gives the same document either way but for its images.
+
+    `noise_limit` (data.noise_limit, default the paper's): an image followed by text in its
+    document (an image-first caption pair, an interleaved image with text after it) is noised
+    at t < T // 2 only, so that the text it conditions still learns from it (paper Table 8);
+    False: every image draws t from the full range [0, T)."""
 
     def __init__(self, tokenizer, *, patches_per_image: int, image_size: int,
                  caption_first_prob: float, p_uncond: float, num_timesteps: int,
-                 latent_shape: tuple[int, ...] | None = None):
+                 latent_shape: tuple[int, ...] | None = None, noise_limit: bool = True):
         self.tok = tokenizer
         self.P = patches_per_image
         self.image_size = image_size
@@ -137,6 +143,7 @@ class DocumentBuilder:
         self.caption_first_prob = caption_first_prob
         self.p_uncond = p_uncond
         self.T = num_timesteps
+        self.limited_T = num_timesteps // 2 if noise_limit else num_timesteps
 
     def __call__(self, record, rng: np.random.Generator) -> dict:
         try:
@@ -205,7 +212,7 @@ class DocumentBuilder:
             return self._document([ids, None], [loaded], [self.T], counters.counts(
                 caption_first=1, **common))
         # Image before its caption: noise limited to T/2 so the caption can learn from it.
-        return self._document([None, ids], [loaded], [self.T // 2], counters.counts(
+        return self._document([None, ids], [loaded], [self.limited_T], counters.counts(
             image_first=1, **common))
 
     def _interleaved(self, parts) -> dict:
@@ -228,7 +235,7 @@ class DocumentBuilder:
         # An image followed by text is that text's context: noise-limit it like image-first pairs.
         text_after = [any(p is not None for p in pieces[i + 1:])
                       for i, p in enumerate(pieces) if p is None]
-        max_timestep = [self.T // 2 if after else self.T for after in text_after]
+        max_timestep = [self.limited_T if after else self.T for after in text_after]
         return self._document(pieces, images, max_timestep, counters.counts(
             documents=1, interleaved_documents=1, images=len(images),
             image_document_patches=self.P * len(images)))

@@ -2,6 +2,8 @@
 
 Rules:
   * a document goes whole into the current row if it fits (elements and image slots);
+  * else a text-only document (with `split_text`, data.pack_split_text) is split: its first
+    piece fills the row, the rest starts the next, as the paper's rows of concatenated text are;
   * else, if it would fit an empty row, the row closes (padded) and the document starts the next;
   * else (longer than a row, or more images than slots) it is split: pieces fill the rest of the
     current row and then whole rows; a cut never falls inside BOI..EOI. Each piece is its own
@@ -108,14 +110,16 @@ class PackIterDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_images: int,
                  patches_per_image: int, image_size: int, pad_id: int, boi_id: int,
-                 num_timesteps: int, latent_shape: tuple[int, ...] | None = None):
+                 num_timesteps: int, latent_shape: tuple[int, ...] | None = None,
+                 split_text: bool = False):
         super().__init__(parent)
         self.layout = dict(L=seq_len, M=max_images, P=patches_per_image, image_size=image_size,
                            pad_id=pad_id, boi_id=boi_id, num_timesteps=num_timesteps,
                            latent_shape=latent_shape)
+        self.split_text = split_text
 
     def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self.layout)
+        return _PackIterator(self._parent.__iter__(), self.layout, self.split_text)
 
     def __str__(self):
         return f"PackIterDataset({self.layout})"
@@ -123,9 +127,9 @@ class PackIterDataset(grain.IterDataset):
 
 class _PackIterator(grain.DatasetIterator):
 
-    def __init__(self, parent: grain.DatasetIterator, layout: dict):
+    def __init__(self, parent: grain.DatasetIterator, layout: dict, split_text: bool = False):
         super().__init__(parent)
-        self._layout = layout
+        self._layout, self._split_text = layout, split_text
         self._doc = None  # the pending document: read, not yet fully placed
         self._offset = 0  # its elements already placed in earlier rows
         self._state_before_doc: Any = None
@@ -163,7 +167,8 @@ class _PackIterator(grain.DatasetIterator):
             rest, rest_images = n - start, int(np.sum(boi >= start))
             if rest <= L - used and rest_images <= M - slots:
                 stop = n  # the rest fits
-            elif used > 0 and rest <= L and rest_images <= M:
+            elif used > 0 and rest <= L and rest_images <= M and not (
+                    self._split_text and len(boi) == 0):
                 break  # fits an empty row: do not split it, close this row
             else:
                 stop = piece_stop(n, boi, start, L - used, M - slots, P)

@@ -115,7 +115,8 @@ class DataPipeline:
         builder = DocumentBuilder(
             tokenizer, patches_per_image=self.patches_per_image, image_size=config.image_size,
             caption_first_prob=config.caption_first_prob, p_uncond=config.p_uncond,
-            num_timesteps=config.num_timesteps, latent_shape=self.latent_shape)
+            num_timesteps=config.num_timesteps, latent_shape=self.latent_shape,
+            noise_limit=config.get("noise_limit", True))
         docs = RatioMixIterDataset(self._stream(text_source, builder, 0, config),
                                    self._stream(image_source, builder, 1, config),
                                    config.text_to_patch_ratio)
@@ -123,7 +124,7 @@ class DataPipeline:
             docs, seq_len=config.seq_len, max_images=self.max_images,
             patches_per_image=self.patches_per_image, image_size=config.image_size,
             pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps,
-            latent_shape=self.latent_shape)
+            latent_shape=self.latent_shape, split_text=config.pack_split_text)
         batches = rows.batch(self.batch_size, drop_remainder=True)
         if config.worker_count:
             _use_default_flags_if_unparsed()

@@ -29,6 +29,7 @@ TYPES = {
     "perplexity": "transfusion_jax.evaluators.perplexity",
     "ranked": "transfusion_jax.evaluators.ranked",
     "fid": "transfusion_jax.evaluators.fid",
+    "denoising": "transfusion_jax.evaluators.denoising",
 }
 RESERVED = ("type", "every")
 
@@ -93,8 +94,14 @@ def from_config(evals, context: Context, only: tuple[str, ...] = (),
 def run(evaluators: list[Scheduled], variables, step: int, workdir: str) -> dict:
     """Runs `evaluators` on `variables` (at training step `step`) -> {"<name>/<key>": scalar};
     files go to workdir/evals/<step>/<name>/, the scalars to workdir/evals/<step>.json (merged
-    with what that file already holds)."""
+    with what that file already holds), after each evaluator: a later one of the same step reads
+    the earlier ones' there (the shapes report plots the denoising evaluator's gain)."""
     results = {}
+    path = os.path.join(workdir, "evals", f"{step}.json")
+    saved = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
     for scheduled in evaluators:
         out_dir = os.path.join(workdir, "evals", str(step), scheduled.name)
         os.makedirs(out_dir, exist_ok=True)
@@ -104,11 +111,6 @@ def run(evaluators: list[Scheduled], variables, step: int, workdir: str) -> dict
                         f"{time.perf_counter() - t0:.1f}s: "
                         + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         results.update({f"{scheduled.name}/{k}": float(v) for k, v in scores.items()})
-    path = os.path.join(workdir, "evals", f"{step}.json")
-    saved = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-    with open(path, "w") as f:
-        json.dump({**saved, **results}, f, indent=1, sort_keys=True)
+        with open(path, "w") as f:
+            json.dump({**saved, **results}, f, indent=1, sort_keys=True)
     return results

@@ -3,17 +3,51 @@
 Text to image: each held-out caption (classifier-free guidance) -> an image, read back by the
 shapes image parser. Image to text: each held-out image -> a caption (greedy), read back by the
 caption parser. Both are scored against the scene's true objects (shapes_scores.py, a
-GenEval-like table). Options: num (scenes per direction), sampler / steps / guidance.
-Writes report.md (the table, the captions) and heldout_vs_generated.png into
-evals/<step>/<name>/; returns "<direction>/<score>" scalars.
+GenEval-like table). Question answering: one question about each held-out image
+(shapes_scores.heldout_questions), asked after the image as interleaved documents ask it,
+"BOS BOI image EOI Question: q Answer:", answered greedily (in one generation with the
+captions) and scored by exact match up to the first "." (answer/accuracy,
+answer/accuracy_<kind>). The sampled images' latents are measured against the
+held-out images' (text_to_image/latent_std, text_to_image/data_latent_std: a sampler that
+drifts ends far from the data's std).
+Options: num (scenes per direction), sampler / steps / guidance.
+
+Writes into evals/<step>/<name>/: report.md, opening with figures (report_plots.py): held-out
+captions beside the images generated from them (text_to_image.png), held-out images beside the
+captions and answers generated for them (image_to_text.png), then the score tables, then the
+training curves (training_curves.png: LM and diffusion loss from metrics.jsonl, these scores
+and the denoising evaluator's conditioning gain over the steps in evals/<step>.json); then the
+captions and answers as text, and heldout_vs_generated.png. Returns "<direction>/<score>" scalars.
 """
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from transfusion_jax.data.shapes.heldout import heldout_scenes
-from transfusion_jax.evaluators import shapes_scores
+from transfusion_jax.data.shapes.text import parse_caption
+from transfusion_jax.data.shapes.world import parse_image
+from transfusion_jax.evaluators import report_plots, shapes_scores
 from transfusion_jax.inference.tasks import Sampling, run_tasks, save_grid
+
+# What the curves show: these scores of this evaluator, and the denoising evaluator's gain.
+CURVE_SCORES = {"text to image: objects right": "text_to_image/object",
+                "image to text: objects right": "image_to_text/object",
+                "answers right": "answer/accuracy"}
+GAIN = "cond/gain_t600"
+
+
+def _cell(text: str) -> str:
+    """Text as one markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _step_and_name(out_dir: str) -> tuple[int | None, str]:
+    """(step, evaluator name) of evals/<step>/<name>/ (step None for another layout)."""
+    parent, name = os.path.split(os.path.normpath(out_dir))
+    step = os.path.basename(parent)
+    return (int(step) if step.isdigit() else None), name
 
 
 class Evaluator:
@@ -28,29 +62,89 @@ class Evaluator:
         self.context = context
         self.captions, self.images, self.truths = heldout_scenes(data.shapes_seed, num,
                                                                  data.image_size)
+        self.questions, self.answers = map(list, zip(*shapes_scores.heldout_questions(
+            data.shapes_seed, num)))
         self.sampling = Sampling(sampler=sampler, steps=steps, guidance=guidance,
                                  max_new_tokens=48, num_samples=1)
+        codec = context.codec
+        pixels = jnp.asarray(np.stack(self.images).astype(np.float32) / 127.5 - 1.0)
+        self.data_latent_std = float(jnp.std(jax.jit(codec.encode)(codec.variables, pixels)))
 
     def run(self, variables, out_dir: str) -> dict:
         c, s = self.context, self.sampling
         names = [f"heldout_{i}" for i in range(len(self.images))]
+        # One text generation for both: each image asked for a caption ("") and a question.
         records = run_tasks(c.config, variables, c.tokenizer, s, prompts=self.captions,
-                            images=self.images, names=names, out=out_dir, codec=c.codec)
+                            images=self.images * 2, question=[""] * len(names) + self.questions,
+                            names=names * 2, codec=c.codec)
         made = [r for r in records if r["task"] == "text_to_image"]
         blank = np.zeros_like(self.images[0])
         generated = [r["pixels"][0] if r["pixels"] else blank for r in made]
+        latents = [z for r in made for z in r["latents"]]
         captions = [r["text"] for r in records if r["task"] == "image_to_text"]
+        answers = [r["text"] for r in records if r["task"] == "answer"]
         table = shapes_scores.score_shapes(generated, self.truths, captions, self.truths)
+        qa_table = shapes_scores.score_answers(answers, self.questions, self.answers)
+        scalars = {f"{task}/{key}": value for task, scores in table.items()
+                   for key, value in scores.items()}
+        scalars["text_to_image/latent_std"] = (float(np.std(np.stack(latents))) if latents
+                                               else float("nan"))
+        scalars["text_to_image/data_latent_std"] = self.data_latent_std
+        scalars.update({f"answer/{k}": v for k, v in
+                        shapes_scores.answer_scalars(qa_table).items()})
         save_grid(os.path.join(out_dir, "heldout_vs_generated.png"),
                   [list(self.images), generated])
-        text = shapes_scores.format_table(table)
-        lines = ["# Shapes-world scores", "", text, "",
-                 f"Text to image: {s.sampler}-{s.steps}, guidance {s.guidance}; image to text: "
-                 "greedy.", "", "Top row: held-out images; bottom row: images generated from "
-                 "their captions.", "", "![grid](heldout_vs_generated.png)", "",
-                 "| held-out caption | generated caption |", "|---|---|"]
-        lines += [f"| {truth} | {made} |" for truth, made in zip(self.captions, captions)]
+        self._report(out_dir, generated, captions, answers, table, qa_table, scalars)
+        return scalars
+
+    def _report(self, out_dir, generated, captions, answers, table, qa_table, scalars) -> None:
+        """report.md and its figures (module doc)."""
+        s = self.sampling
+        image_marks = shapes_scores.item_marks([parse_image(im) for im in generated],
+                                               self.truths)
+        caption_marks = shapes_scores.item_marks([parse_caption(t) for t in captions],
+                                                 self.truths)
+        right = [shapes_scores.answer_right(g, a) for g, a in zip(answers, self.answers)]
+        report_plots.text_to_image_figure(os.path.join(out_dir, "text_to_image.png"),
+                                          self.captions, self.images, generated, image_marks)
+        report_plots.image_to_text_figure(
+            os.path.join(out_dir, "image_to_text.png"), self.images, captions, caption_marks,
+            [(q, a, shapes_scores.normalise_answer(g), ok)
+             for q, a, g, ok in zip(self.questions, self.answers, answers, right)])
+        step, name = _step_and_name(out_dir)
+        curves = report_plots.training_curves(
+            os.path.join(out_dir, "training_curves.png"), self.context.workdir,
+            {label: f"{name}/{key}" for label, key in CURVE_SCORES.items()}, GAIN,
+            None if step is None else (step, {f"{name}/{k}": v for k, v in scalars.items()}))
+        n = len(self.images)
+        shown = f"{n}" if n <= 16 else f"the first 16 of {n}"
+        lines = [f"# Shapes world{'' if step is None else f', step {step}'}", "",
+                 f"Held-out scenes, never trained on ({shown}). Text to image: the caption "
+                 "below, its true image (left) and the image "
+                 "generated from it (right), with how many of the true objects the image parser "
+                 "finds there.", "", "![text to image](text_to_image.png)", "",
+                 "Image to text: the held-out image, the caption generated for it (objects the "
+                 "caption parser reads right) and one question with the generated and the true "
+                 "answer.", "", "![image to text](image_to_text.png)", "",
+                 "## Scores", "", shapes_scores.format_table(table), "",
+                 "Question answering, one question about each held-out image:", "",
+                 shapes_scores.format_answer_table(qa_table), "",
+                 f"Sampled images' latent std {scalars['text_to_image/latent_std']:.3f}, "
+                 f"held-out images' {scalars['text_to_image/data_latent_std']:.3f}.", "",
+                 f"Text to image: {s.sampler}-{s.steps}, guidance {s.guidance}; image to text "
+                 "and answers: greedy, answers scored up to their first \".\".", ""]
+        if curves:
+            lines += ["## Training", "", "![training curves](training_curves.png)", ""]
+        lines += ["## Generated text", "", "| held-out caption | generated caption |",
+                  "|---|---|"]
+        lines += [f"| {_cell(truth)} | {_cell(made)} |"
+                  for truth, made in zip(self.captions, captions)]
+        lines += ["", "| question | answer | generated, to its first \".\" | right |",
+                  "|---|---|---|---|"]
+        lines += [f"| {_cell(q)} | {_cell(a)} | {_cell(shapes_scores.normalise_answer(g))} | "
+                  f"{'yes' if ok else 'no'} |"
+                  for q, a, g, ok in zip(self.questions, self.answers, answers, right)]
+        lines += ["", "Top row: held-out images; bottom row: images generated from their "
+                  "captions.", "", "![grid](heldout_vs_generated.png)"]
         with open(os.path.join(out_dir, "report.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
-        return {f"{task}/{key}": value for task, scores in table.items()
-                for key, value in scores.items()}

@@ -59,6 +59,7 @@ class ImageSampling:
     steps: int = 250          # the paper's DDPM-250
     eta: float = 0.0          # DDIM only
     clip_x0: float = 0.0      # > 0: clip predicted x0 (pixel models: 1), see diffusion.sampler_tables
+    prediction: str = "eps"   # what the model's diffusion head predicts (config.diffusion.prediction)
 
 
 class Prompt(NamedTuple):
@@ -196,15 +197,16 @@ def decode_text(model, params, cache: KVCache, tokens, active):
     return advance(cache, active.astype(jnp.int32)), out["logits"][:, 0]
 
 
-def denoise_eps(model, params, cache: KVCache, x_t, t, active):
-    """eps of the noisy image x_t [B, H, W, C] at timestep t (scalar or [B]), placed at each row's `length`
+def denoise(model, params, cache: KVCache, x_t, t, active):
+    """The diffusion head's output (eps, v or x0: config.diffusion.prediction) for the noisy
+    image x_t [B, H, W, C] at timestep t (scalar or [B]), placed at each row's `length`
     against the cached prefix. The cache is not changed (the patches are written only into the
     copy this call attends to)."""
     p = patches_per_image(model.cfg)
     timesteps = jnp.broadcast_to(jnp.reshape(t, (-1, 1)), (x_t.shape[0], 1)).astype(jnp.int32)
     out, _ = model.apply(params, image_chunk(cache.length, active, p), x_t[:, None], timesteps,
                          cache, logits=False, method=Transfusion.extend)
-    return out["eps"][:, 0]
+    return out["prediction"][:, 0]
 
 
 def commit_image(model, params, cache: KVCache, x0, active, eoi: int):
@@ -217,7 +219,9 @@ def commit_image(model, params, cache: KVCache, x0, active, eoi: int):
 
 
 def guided(eps_c, eps_u, scale):
-    """Classifier-free guidance: eps_u + s (eps_c - eps_u); s = 1 is the conditional model."""
+    """Classifier-free guidance: eps_u + s (eps_c - eps_u); s = 1 is the conditional model.
+    Applied to v or x0 outputs alike: both are affine in eps at a given x_t, so guiding them
+    guides eps the same way."""
     return eps_u + scale * (eps_c - eps_u)
 
 
@@ -232,8 +236,8 @@ def sample_image(model, params, cache: KVCache, key, active, tables, guidance=No
 
     def eps_fn(x, t):
         if not double:
-            return denoise_eps(model, params, cache, x, t, active)
-        eps = denoise_eps(model, params, cache, jnp.concatenate([x, x]), t, active)
+            return denoise(model, params, cache, x, t, active)
+        eps = denoise(model, params, cache, jnp.concatenate([x, x]), t, active)
         return guided(eps[:b], eps[b:], guidance)
 
     return diffusion.sample(eps_fn, x_T, key_sampler, tables)
@@ -287,7 +291,8 @@ class Generator:
                  image: ImageSampling = ImageSampling(), text: TextSampling = TextSampling()):
         self.model, self.specials, self.text = Transfusion(cfg), specials, text
         self.tables = diffusion.sampler_tables(schedule, image.sampler, image.steps, image.eta,
-                                               clip_x0=image.clip_x0)
+                                               clip_x0=image.clip_x0,
+                                               prediction=image.prediction)
         self._compiled = {}
 
     def __call__(self, params, prompt: Prompt, key, uncond: Prompt | None = None,

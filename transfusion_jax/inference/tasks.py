@@ -4,8 +4,9 @@
     records = run_tasks(config, variables, tokenizer, sampling, prompts=["a red circle"],
                         images=[uint8_or_path], out="DIR")
 
-Each record is {task, input, sample, text, images, pixels}: `pixels` holds the generated images
-(uint8 [H, W, 3]) for scoring; with `out`, one PNG grid per task is written there (a row per
+Each record is {task, input, sample, text, images, pixels, latents}: `pixels` holds the
+generated images (uint8 [H, W, 3]) for scoring, `latents` the latents they were decoded from
+(float32 [h, w, C], the model's x0); with `out`, one PNG grid per task is written there (a row per
 input, a column per sample). Options are typed (no argparse): the `generate` entry point builds
 them from its flags, evaluators from their config.
 """
@@ -76,11 +77,12 @@ def save_grid(path, rows) -> None:
 
 
 def make_generator(config, specials, sampling: Sampling) -> generation.Generator:
-    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    schedule = diffusion.schedule_from_config(config.diffusion)
     return generation.Generator(
         config.model, schedule, specials,
         generation.ImageSampling(sampling.sampler, sampling.steps, sampling.eta,
-                                 config.diffusion.clip_x0),
+                                 config.diffusion.clip_x0,
+                                 config.diffusion.get("prediction", "eps")),
         generation.TextSampling(sampling.temperature, sampling.top_k, sampling.top_p))
 
 
@@ -105,14 +107,21 @@ def _check_lengths(config, tokenizer, texts: Sequence[str]) -> None:
 
 
 def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequence[str] = (),
-              images: Sequence = (), question: str = "", free: Sequence[str] = (),
-              out: str | None = None, codec: Codec | None = None, names: Sequence[str] = ()):
-    """-> list of records {task, input, sample, text, images, pixels}, in task order: text to
-    image (`prompts`), image to text or answer (`images`: paths or uint8 arrays, with
-    `question`), free generation (`free`). `names`: how `images` are named in the records
-    (default: the paths). `codec`: the frozen autoencoder when the caller has it loaded."""
-    if question and not images:
+              images: Sequence = (), question: str | Sequence[str] = "",
+              free: Sequence[str] = (), out: str | None = None, codec: Codec | None = None,
+              names: Sequence[str] = ()):
+    """-> list of records {task, input, sample, text, images, pixels, latents}, in task order:
+    text to image (`prompts`), image to text or answer (`images`: paths or uint8 arrays, with
+    `question`: one for every image, or a list of one per image, "" asking for a caption: all
+    in one generation), free generation (`free`).
+    `names`: how `images` are named in the records (default: the paths). `codec`: the frozen
+    autoencoder when the caller has it loaded."""
+    if question and not len(images):
         raise ValueError("question needs images to ask about")
+    questions = [question] * len(images) if isinstance(question, str) else list(question)
+    if len(questions) != len(images):
+        raise ValueError(f"{len(questions)} questions for {len(images)} images: expected one "
+                         "question, or one per image")
     _check_lengths(config, tokenizer, list(prompts) + list(free))
     specials = generation.Specials.from_tokenizer(tokenizer)
     encode, decode = image_codec(config, codec)
@@ -121,7 +130,8 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
     if out:
         os.makedirs(out, exist_ok=True)
 
-    def run(task, inputs, rows, uncond=None, **kw):
+    def run(task, inputs, rows, uncond=None, **kw):  # task: one name, or one per input
+        tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
         prompt = generation.build_prompt([r for r in rows for _ in range(n)], config.model,
                                          specials)
         if uncond is not None:
@@ -135,14 +145,14 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
             for sample in range(n):
                 row = i * n + sample
                 num_images, num_tokens = int(result.num_images[row]), int(result.num_tokens[row])
-                pics = [to_uint8(decode(np.asarray(result.images[row, j])))
-                        for j in range(num_images)]
+                latents = [np.asarray(result.images[row, j]) for j in range(num_images)]
+                pics = [to_uint8(decode(z)) for z in latents]
                 grid[-1] += pics
                 text = tokenizer.decode(np.asarray(result.tokens[row, :num_tokens]))
-                records.append(dict(task=task, input=name, sample=sample, images=num_images,
-                                    pixels=pics, text=text))
+                records.append(dict(task=tasks[i], input=name, sample=sample, images=num_images,
+                                    pixels=pics, latents=latents, text=text))
         if out and any(grid):
-            save_grid(os.path.join(out, f"{task}.png"), [row for row in grid if row])
+            save_grid(os.path.join(out, f"{tasks[0]}.png"), [row for row in grid if row])
 
     if prompts:
         cfg_on = sampling.guidance not in (0.0, 1.0)
@@ -155,9 +165,10 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
                                 for i, im in enumerate(images)]
         latents = [encode(_load(im, name, config.data.image_size))  # [-1, 1]
                    for im, name in zip(images, names)]
-        asked = tokenizer.encode(f"Question: {question} Answer:") if question else []
-        run("answer" if question else "image_to_text", names,
-            [[latent, asked] for latent in latents], max_new_tokens=sampling.max_new_tokens,
+        asked = [tokenizer.encode(f"Question: {q} Answer:") if q else [] for q in questions]
+        run(["answer" if q else "image_to_text" for q in questions], names,
+            [[latent, a] for latent, a in zip(latents, asked)],
+            max_new_tokens=sampling.max_new_tokens,
             max_images=0, allow_images=False)
     if free:
         run("free", list(free), [[tokenizer.encode(t)] for t in free],

@@ -70,10 +70,14 @@ def patch_layers(cfg) -> tuple[nn.Module, nn.Module]:
         return (LinearDown(cfg.dim, k, dtype, name="patch_encoder"),
                 LinearUp(cfg.latent_channels, k, dtype, name="patch_decoder"))
     if cfg.patch == "unet":
-        # config.model.unet.channel_mult is given for k = 8; patch size k uses log2(k) + 1 levels.
-        mult = tuple(cfg.unet.channel_mult)[:unet.num_levels(k)]
+        # config.model.unet.channel_mult is given for k = 8; patch size k uses log2(k) + 1 levels,
+        # and the attention_levels among them (configs written before the field: none).
+        levels = unet.num_levels(k)
+        mult = tuple(cfg.unet.channel_mult)[:levels]
+        attention = tuple(a for a in cfg.unet.get("attention_levels", ()) if a < levels)
         u = dict(patch_size=k, base_channels=cfg.unet.base_channels, channel_mult=mult,
-                 num_res_blocks=cfg.unet.num_res_blocks, dtype=dtype)
+                 num_res_blocks=cfg.unet.num_res_blocks, dtype=dtype, attention_levels=attention,
+                 attention_head_channels=cfg.unet.get("attention_head_channels", 64))
         return (unet.UNetDown(dim=cfg.dim, name="patch_encoder", **u),
                 unet.UNetUp(out_channels=cfg.latent_channels, name="patch_decoder", **u))
     raise ValueError(f"model.patch={cfg.patch!r}; expected 'linear' or 'unet'")

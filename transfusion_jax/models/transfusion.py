@@ -1,7 +1,7 @@
 """The Transfusion model: one transformer over text embeddings and image-latent patches.
 
-    model.apply(variables, batch, noised_images, timesteps) -> {"logits", "eps"}
-    model.apply(variables, batch, noised_images, timesteps, logits=False) -> {"hidden", "eps"}
+    model.apply(variables, batch, noised_images, timesteps) -> {"logits", "prediction"}
+    model.apply(variables, batch, noised_images, timesteps, logits=False) -> {"hidden", "prediction"}
     model.apply(variables, hidden, method=Transfusion.logits_of) -> logits
 
 The second form leaves the LM head to the loss: with config.model.logits_chunk it applies
@@ -13,6 +13,20 @@ logits are never whole.
 is encoded (static shapes); `patch_index` picks, per sequence element, its patch vector instead
 of the token embedding, and `patch_positions` gathers the transformer outputs back per slot.
 Gathers, not scatters: both directions are plain indexing that shards along the batch axis.
+
+Image attention (`model.image_attention`, paper Table 5): "bidirectional" (the paper's
+default) runs the batch's mask as it is, the patches of one image seeing each other;
+"causal" gives every patch its own index as mask_pos (`attention_mask_pos`), so patches attend
+causally like text. The data, the batch contract and the decoding chunks stay the same: the
+model rewrites mask_pos before the transformer, so every attention implementation (and the
+kernels' ranges, attention_ranges.py) and the KV cache (which stores the rewritten vectors)
+follow it.
+
+Vocabulary: `model.vocab_size` is the count of real token ids (the tokenizer's vocab_size at
+most; the Llama 2 tokenizer with PAD, BOI, EOI: 32003). The embedding and the LM head have
+`padded_vocab_size` rows (a multiple of 128: 32128), so that the vocab axis tiles and splits
+over a tensor axis; `logits_of` sets the padded columns to PADDED_LOGIT, so the loss, every
+sampler and every evaluator see a probability of zero there.
 """
 from typing import Any
 
@@ -23,6 +37,40 @@ import jax.numpy as jnp
 from transfusion_jax.models.layers import Dense, constrain, logical
 from transfusion_jax.models.patching import patch_layers
 from transfusion_jax.models.transformer import Transformer
+
+
+IMAGE_ATTENTION = ("bidirectional", "causal")  # model.image_attention; the paper's default first
+VOCAB_MULTIPLE = 128  # the embedding's and LM head's vocab axis is padded to a multiple of this
+PADDED_LOGIT = -1e30  # the logit of a padded id: finite, so differences of logits stay finite
+
+
+def padded_vocab_size(cfg) -> int:
+    """Rows of the embedding, columns of the LM head: model.vocab_size rounded up to a multiple
+    of VOCAB_MULTIPLE (32003 -> 32128; 512 and 32000 stay)."""
+    return -(-cfg.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def image_attention(cfg) -> str:
+    """model.image_attention (configs written before the field: "bidirectional")."""
+    value = cfg.get("image_attention", "bidirectional")
+    if value not in IMAGE_ATTENTION:
+        raise ValueError(f"model.image_attention={value!r}; expected one of {IMAGE_ATTENTION}")
+    return value
+
+
+def attention_mask_pos(cfg, batch):
+    """The mask_pos the attention runs on, int32 [B, L].
+
+    "bidirectional": the batch's (a patch: its image's last patch index). "causal": each
+    patch's own index, which is that minus (P - 1 - j) for patch j of its image
+    (j = patch_index % P, the patches of an image being consecutive in raster order); text and
+    padding keep theirs. The rule reads only the batch's own vectors, so it holds in any
+    coordinates: row indices in training, cache indices in decoding (kv_cache.py)."""
+    mask_pos = batch["mask_pos"]
+    if image_attention(cfg) == "bidirectional":
+        return mask_pos
+    p, index = patches_per_image(cfg), batch["patch_index"]
+    return jnp.where(index >= 0, mask_pos - (p - 1 - index % p), mask_pos)
 
 
 def patches_per_image(cfg) -> int:
@@ -46,23 +94,30 @@ class Transfusion(nn.Module):
 
     def setup(self):
         c = self.cfg
+        image_attention(c)  # fails early, naming the field
+        vocab = padded_vocab_size(c)
         self.embed = self.param("embed", logical(nn.initializers.normal(1.0), ("vocab", "embed")),
-                                (c.vocab_size, c.dim), jnp.float32)
+                                (vocab, c.dim), jnp.float32)
         self.patch_encoder, self.patch_decoder = patch_layers(c)
         self.transformer = Transformer(c, name="transformer")
-        self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), dtype=jnp.dtype(c.dtype),
-                             name="lm_head")
+        self.lm_head = Dense(vocab, ("embed", "vocab"), dtype=jnp.dtype(c.dtype), name="lm_head")
 
     def __call__(self, batch, noised_images, timesteps, logits: bool = True):
         """`logits=False`: the final-normed hidden states "hidden" [B, L, D] instead of the
         logits (for a loss that applies `logits_of` itself, chunk by chunk)."""
         x, images = self._embed(batch, noised_images, timesteps)
-        h = self.transformer(x, batch["segment_ids"], batch["mask_pos"], batch["positions"])
+        h = self.transformer(x, batch["segment_ids"], attention_mask_pos(self.cfg, batch),
+                             batch["positions"])
         return self._outputs(h, batch, images, logits)
 
     def logits_of(self, h):
-        """The LM head: hidden states [..., L, D] -> float32 logits [..., L, V]."""
-        return constrain(self.lm_head(h).astype(jnp.float32), ("batch", "length", "vocab"))
+        """The LM head: hidden states [..., L, D] -> float32 logits [..., L, V] (V =
+        padded_vocab_size; the columns from model.vocab_size on are PADDED_LOGIT)."""
+        logits = self.lm_head(h).astype(jnp.float32)
+        vocab, padded = self.cfg.vocab_size, logits.shape[-1]
+        if padded > vocab:
+            logits = jnp.where(jnp.arange(padded) < vocab, logits, PADDED_LOGIT)
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def extend(self, chunk, noised_images, timesteps, cache, logits: bool = True):
         """Decoding: run a chunk of elements against a KVCache (kv_cache.py) -> (outputs, cache
@@ -70,7 +125,7 @@ class Transfusion(nn.Module):
         except targets/weights, in cache coordinates (see kv_cache.py); `noised_images` may be
         None for a text-only chunk. `logits=False` skips the LM head (denoising steps)."""
         x, images = self._embed(chunk, noised_images, timesteps)
-        h, cache = self.transformer(x, chunk["segment_ids"], chunk["mask_pos"],
+        h, cache = self.transformer(x, chunk["segment_ids"], attention_mask_pos(self.cfg, chunk),
                                     chunk["positions"], cache)
         return self._outputs(h, chunk, images, logits), cache
 
@@ -97,13 +152,14 @@ class Transfusion(nn.Module):
         return constrain(x, ("batch", "length", "embed")), (t, skips, (b, m, gh, gw, size, ch))
 
     def _outputs(self, h, batch, images, logits: bool = True):
-        """{"logits" [B, L, V] (when asked, else "hidden" [B, L, D]), "eps" [B, M, H, W, C]
-        (when there are images)}."""
+        """{"logits" [B, L, V] (when asked, else "hidden" [B, L, D]), "prediction"
+        [B, M, H, W, C] (when there are images): the diffusion head's output, the noise eps as
+        the paper predicts it, or v or x0 (config.diffusion.prediction, diffusion.py)}."""
         out = {"logits": self.logits_of(h)} if logits else {"hidden": h}
         if images is not None:
             t, skips, (b, m, gh, gw, size, ch) = images
             rows = batch["patch_positions"].reshape(b, m * gh * gw, 1)
             per_patch = jnp.take_along_axis(h, rows, axis=1).reshape(b * m, gh, gw, self.cfg.dim)
-            eps = self.patch_decoder(per_patch, skips, t).astype(jnp.float32)
-            out["eps"] = eps.reshape(b, m, size, size, ch)
+            pred = self.patch_decoder(per_patch, skips, t).astype(jnp.float32)
+            out["prediction"] = pred.reshape(b, m, size, size, ch)
         return out

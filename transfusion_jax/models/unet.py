@@ -10,7 +10,11 @@ block would be:
 The blocks follow ADM (improved DDPM): ResBlocks of GroupNorm + SiLU + 3x3 conv, the timestep
 embedding added (not scale-shift) after the first conv, a strided conv to go down a level,
 nearest-neighbour upsampling + conv to go up, and every down-path activation concatenated onto
-the matching up-path ResBlock. Unlike ADM there is no attention inside the U-Net and no dropout.
+the matching up-path ResBlock. On the levels of `attention_levels` each ResBlock is followed by
+an ADM self-attention block (GroupNorm, 1x1 q/k/v projection, multi-head softmax attention over
+the image's positions, zero-initialised output projection, residual), in both halves, as the
+improved-DDPM U-Net has at its 16x16 and 8x8 resolutions: an image's positions see each other
+there whatever the transformer's image attention (model.image_attention). No dropout.
 
 Levels: a patch size k = 2**n gives n + 1 resolution levels (H, H/2, ..., H/k), so
 `channel_mult` has n + 1 entries; level i has base_channels * channel_mult[i] channels.
@@ -29,11 +33,17 @@ Dtype = Any
 CONV_AXES = ("conv_h", "conv_w", "channels_in", "channels")  # flax needs distinct names
 
 # channel_mult is given for the deepest supported U-Net (k = 8: four levels); a model with patch
-# size k uses the first log2(k) + 1 entries (see `unet_config`). "paper" is sized so that at latent
-# 32x32x8, k = 2 and D = 4096, encoder + decoder hold about the paper's 0.27B parameters.
+# size k uses the first log2(k) + 1 entries (see `unet_config`). attention_levels: the levels
+# (0 = the latent's resolution, level i downsampled by 2^i) whose ResBlocks are followed by
+# self-attention; a U-Net with fewer levels uses those it has. Improved DDPM attends at 16x16
+# and 8x8 on 32x32 inputs (CIFAR-10): levels 1 and up here, so k = 1 (one level) has none.
+# attention_head_channels: channels per attention head (ADM: 64). "paper" is sized so that at
+# latent 32x32x8, k = 2 and D = 4096, encoder + decoder hold about the paper's 0.27B parameters.
 UNET_PRESETS = {
-    "tiny": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1),
-    "paper": dict(base_channels=512, channel_mult=(1, 2, 2, 2), num_res_blocks=3),
+    "tiny": dict(base_channels=16, channel_mult=(1, 2, 2, 2), num_res_blocks=1,
+                 attention_levels=(1, 2, 3), attention_head_channels=8),
+    "paper": dict(base_channels=480, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
+                  attention_levels=(1, 2, 3), attention_head_channels=64),
 }
 
 
@@ -47,6 +57,7 @@ def unet_config(preset: str, patch_size: int) -> dict:
         raise ValueError(f"patch_size: got {patch_size}, preset {preset!r} supports at most "
                          f"{2 ** (len(cfg['channel_mult']) - 1)}")
     cfg["channel_mult"] = tuple(cfg["channel_mult"][:levels])
+    cfg["attention_levels"] = tuple(a for a in cfg["attention_levels"] if a < levels)
     return cfg
 
 
@@ -57,7 +68,8 @@ def num_levels(patch_size: int) -> int:
     return int(math.log2(patch_size)) + 1
 
 
-def _check_fields(patch_size, base_channels, channel_mult, num_res_blocks):
+def _check_fields(patch_size, base_channels, channel_mult, num_res_blocks, attention_levels=(),
+                  attention_head_channels=64):
     levels = num_levels(patch_size)
     if len(channel_mult) != levels:
         raise ValueError(f"channel_mult: got {tuple(channel_mult)} ({len(channel_mult)} levels), "
@@ -68,6 +80,15 @@ def _check_fields(patch_size, base_channels, channel_mult, num_res_blocks):
                          "expected positive integers")
     if num_res_blocks < 0:
         raise ValueError(f"num_res_blocks: got {num_res_blocks}, expected >= 0")
+    if not all(isinstance(a, int) and 0 <= a < levels for a in attention_levels):
+        raise ValueError(f"attention_levels: got {tuple(attention_levels)}, expected levels in "
+                         f"[0, {levels}) for patch_size {patch_size}")
+    for level in attention_levels:
+        width = base_channels * channel_mult[level]
+        if not isinstance(attention_head_channels, int) or attention_head_channels < 1 \
+                or width % attention_head_channels:
+            raise ValueError(f"attention_head_channels: got {attention_head_channels!r}, "
+                             f"expected a positive divisor of level {level}'s {width} channels")
 
 
 def _check_spatial(shape, patch_size, field):
@@ -117,6 +138,30 @@ class ResBlock(nn.Module):
         return x.astype(self.dtype) + h
 
 
+class AttentionBlock(nn.Module):
+    """ADM's self-attention block over the H*W positions of each image (images apart):
+    x + proj(attention(qkv(GroupNorm(x)))); the output projection starts at zero (ADM), so
+    the block starts as the identity. Softmax in float32."""
+
+    head_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        heads = c // self.head_channels
+        y = group_norm(c, "norm", self.dtype)(x).reshape(n, h * w, c)
+        qkv = Dense(3 * c, ("channels_in", "channels"), use_bias=True, dtype=self.dtype,
+                    name="qkv")(y)
+        q, k, v = jnp.split(qkv.reshape(n, h * w, 3 * heads, self.head_channels), 3, axis=2)
+        scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+        p = nn.softmax(scores * self.head_channels ** -0.5, axis=-1).astype(self.dtype)
+        o = jnp.einsum("nhqk,nkhd->nqhd", p, v).reshape(n, h * w, c)
+        o = Dense(c, ("channels_in", "channels"), use_bias=True, dtype=self.dtype,
+                  kernel_init=nn.initializers.zeros, name="proj")(o)
+        return x.astype(self.dtype) + o.reshape(n, h, w, c)
+
+
 class UNetDown(nn.Module):
     """x_t [N,H,W,C], t [N] -> (h [N,H/k,W/k,dim], skips for UNetUp)."""
 
@@ -126,10 +171,13 @@ class UNetDown(nn.Module):
     channel_mult: tuple[int, ...]
     num_res_blocks: int
     dtype: Dtype = jnp.float32
+    attention_levels: tuple[int, ...] = ()
+    attention_head_channels: int = 64
 
     @nn.compact
     def __call__(self, x, t):
-        _check_fields(self.patch_size, self.base_channels, self.channel_mult, self.num_res_blocks)
+        _check_fields(self.patch_size, self.base_channels, self.channel_mult, self.num_res_blocks,
+                      self.attention_levels, self.attention_head_channels)
         _check_spatial(x.shape, self.patch_size, "x")
         emb = TimestepEmbedder(_time_dim(self.base_channels), out_axis="channels",
                                dtype=self.dtype, name="time_embed")(t)
@@ -139,6 +187,9 @@ class UNetDown(nn.Module):
             for i in range(self.num_res_blocks):
                 h = ResBlock(self.base_channels * mult, self.dtype,
                              name=f"down{level}_res{i}")(h, emb)
+                if level in self.attention_levels:
+                    h = AttentionBlock(self.attention_head_channels, self.dtype,
+                                       name=f"down{level}_attn{i}")(h)
                 skips.append(h)
             if level < len(self.channel_mult) - 1:
                 h = conv(h.shape[-1], f"down{level}_downsample", self.dtype, stride=2)(h)
@@ -159,10 +210,13 @@ class UNetUp(nn.Module):
     channel_mult: tuple[int, ...]
     num_res_blocks: int
     dtype: Dtype = jnp.float32
+    attention_levels: tuple[int, ...] = ()
+    attention_head_channels: int = 64
 
     @nn.compact
     def __call__(self, h, skips, t):
-        _check_fields(self.patch_size, self.base_channels, self.channel_mult, self.num_res_blocks)
+        _check_fields(self.patch_size, self.base_channels, self.channel_mult, self.num_res_blocks,
+                      self.attention_levels, self.attention_head_channels)
         levels = len(self.channel_mult)
         expected = levels * (self.num_res_blocks + 1)
         if len(skips) != expected:
@@ -181,6 +235,9 @@ class UNetUp(nn.Module):
                 h = jnp.concatenate([h, skips.pop().astype(self.dtype)], axis=-1)
                 h = ResBlock(self.base_channels * self.channel_mult[level], self.dtype,
                              name=f"up{level}_res{i}")(h, emb)
+                if level in self.attention_levels:
+                    h = AttentionBlock(self.attention_head_channels, self.dtype,
+                                       name=f"up{level}_attn{i}")(h)
             if level > 0:
                 h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
                 h = conv(h.shape[-1], f"up{level}_upsample", self.dtype)(h)

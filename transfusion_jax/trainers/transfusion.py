@@ -39,6 +39,7 @@ from transfusion_jax.evaluators import common as evaluators
 from transfusion_jax.models import Transfusion, example_inputs, patches_per_image
 from transfusion_jax.models.attention import IMPLEMENTATIONS
 from transfusion_jax.models.patching import PATCH_SIZES
+from transfusion_jax.models.transfusion import IMAGE_ATTENTION, padded_vocab_size
 from transfusion_jax.models.transformer import REMAT_EXPECTED, remat_name
 from transfusion_jax.models.autoencoder import codec as codec_lib
 from transfusion_jax.models.autoencoder import loader
@@ -71,6 +72,7 @@ RULES = (
     ("model.rope_theta", positive_number),
     ("model.norm_eps", positive_number),
     ("model.qk_norm", boolean),
+    ("model.image_attention", one_of(*IMAGE_ATTENTION)),
     ("model.attention", one_of(*IMPLEMENTATIONS)),
     ("model.attention_block", positive_int),
     ("model.latent_size", positive_int),
@@ -85,6 +87,9 @@ RULES = (
     ("diffusion.timesteps", positive_int),
     ("diffusion.ddpm_weight", non_negative_number),
     ("diffusion.clip_x0", non_negative_number),
+    ("diffusion.snr_shift", positive_number),
+    ("diffusion.prediction", one_of(*diffusion.PREDICTIONS)),
+    ("diffusion.loss_weighting", one_of(*diffusion.LOSS_WEIGHTINGS)),
     *optim.RULES,
 )
 
@@ -102,10 +107,14 @@ def check_config(config, num_devices: int):
         raise ValueError(
             f"data.batch_size={data.batch_size} must be divisible by mesh data*fsdp={data_parallel} "
             f"times grad_accum={config.grad_accum}")
-    for field in ("heads", "mlp_dim", "vocab_size"):
+    for field in ("heads", "mlp_dim"):
         if model[field] % mesh["tensor"]:
             raise ValueError(f"model.{field}={model[field]} must be divisible by mesh.tensor="
                              f"{mesh['tensor']}")
+    if padded_vocab_size(model) % mesh["tensor"]:  # the embedding and head are padded (to 128s)
+        raise ValueError(f"model.vocab_size={model.vocab_size} (padded to "
+                         f"{padded_vocab_size(model)}) must be divisible by mesh.tensor="
+                         f"{mesh['tensor']}")
     patch_dim = model.patch_size ** 2 * model.latent_channels
     if model.patch == "linear" and patch_dim > model.dim:
         raise ValueError(
@@ -125,6 +134,10 @@ def check_config(config, num_devices: int):
     evaluators.check_config(config.get("evals"))
 
 
+# Fields added after runs were saved without them, with the value that behaves as before.
+ADDED_FIELDS = {"diffusion.snr_shift": 1.0, "diffusion.prediction": "eps", "diffusion.loss_weighting": "none",
+                "model.image_attention": "bidirectional", "data.noise_limit": True,
+                "data.pack_split_text": False}
 # Fields a resume may change freely: they change neither the model nor the batches. (remat,
 # logits_chunk and the attention implementation change how the step computes the same function:
 # the losses agree to rounding; a run moves between GPU, TPU and CPU kernels this way.)
@@ -142,18 +155,23 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
     The frozen autoencoder's weights come in as `ae_variables` (no gradient flows to them).
     A batch with `latents` (precomputed raw means, transfusion_jax.precompute) skips the
     encoder; a batch with `images` (pixels) is encoded here."""
-    schedule = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+    schedule = diffusion.schedule_from_config(config.diffusion)
     lr = optim.learning_rate(config.optimizer, config.total_steps)
     accum = config.grad_accum
 
     chunk = config.model.get("logits_chunk", 0)  # 0: whole logits; else the LM head per chunk
 
-    def loss_fn(params, batch, xt, t, noise, normalizers):
+    prediction = config.diffusion.prediction
+    weighting = config.diffusion.loss_weighting
+
+    def loss_fn(params, batch, xt, t, target, normalizers):
         variables = {"params": params}
         out = model.apply(variables, batch, xt, t, logits=not chunk)
         lm_head = functools.partial(model.apply, variables, method=Transfusion.logits_of)
-        return objectives.transfusion_loss(out, batch, noise, config.diffusion.ddpm_weight,
-                                           normalizers, lm_head, chunk)
+        weights = (None if weighting == "none" else
+                   diffusion.loss_weights(schedule, t, prediction, weighting))
+        return objectives.transfusion_loss(out, batch, target, config.diffusion.ddpm_weight,
+                                           normalizers, lm_head, chunk, weights)
 
     def micro(x):  # [B, ...] -> [A, B/A, ...]; microbatch i takes rows i, i+A, ... of every shard
         return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
@@ -185,10 +203,11 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
         t = diffusion.sample_timesteps(key_t, batch["max_timestep"])
         noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
         xt = diffusion.q_sample(schedule, x0, t, noise)
+        target = diffusion.prediction_target(schedule, x0, t, noise, prediction)
         model_batch = {key: value for key, value in batch.items()
                        if key not in ("images", "latents")}
         normalizers = (batch["text_weights"].sum(), batch["image_mask"].sum().astype(jnp.float32))
-        grads, metrics = grads_and_metrics(state.params, (model_batch, xt, t, noise), normalizers)
+        grads, metrics = grads_and_metrics(state.params, (model_batch, xt, t, target), normalizers)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -244,7 +263,7 @@ def train(config, workdir: str, data_streams: int | None = None,
     process count of the run's first start. A resumed run reads it from the checkpoint.
     `allow_config_changes`: fields (or prefixes) a resume may change from the saved config."""
     check_config(config, jax.device_count())
-    checkpoint.check_resume(workdir, config, RESUME_FREE, allow_config_changes)
+    checkpoint.check_resume(workdir, config, RESUME_FREE, allow_config_changes, ADDED_FIELDS)
     codec = loader.load_codec(config.autoencoder)  # the frozen autoencoder (weights on one device)
     codec_lib.check(codec, config.model)
     resuming = checkpoint.has_checkpoints(workdir)

@@ -108,10 +108,17 @@ def pair_record(seed: int, split: str, index: int, image_size: int) -> dict:
     return {"image": render_scene(scene, image_size), "caption": caption(scene, rng)}
 
 
+# Interleaved documents open with text, as real ones do (a web page's title): then "BOS BOI
+# image EOI" begins only caption pairs, and a model asked for a caption there does not answer a
+# question it made up (issue 19: the demo's captions were questions).
+_QUIZ_INTROS = ("Questions about pictures.", "A quiz about shapes.", "Look and answer.",
+                "Some pictures and questions about them.")
+
+
 def interleaved_record(seed: int, split: str, index: int, image_size: int) -> dict:
-    """Several (image, question, answer) groups in one document."""
+    """A title, then several (image, question, answer) groups in one document."""
     rng = scene_rng(seed, split, index, stream=2)
-    parts = []
+    parts = [{"text": _pick(rng, _QUIZ_INTROS)}]
     for _ in range(int(rng.integers(2, 4))):
         scene = sample_scene(rng)
         parts.append({"image": render_scene(scene, image_size)})
