@@ -2,6 +2,7 @@
 the same noised images run one at a time through the training path (DocumentBuilder and the
 packer's row), and its scalars are what the report promises."""
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,6 +20,7 @@ from transfusion_jax.models.autoencoder.codec import IDENTITY
 N, T = 3, 600
 
 
+@pytest.mark.slow  # test-fast stays under 2 minutes
 def test_gain_and_x0_scores_match_the_training_path(tmp_path):
     config = load_config("experiments/transfusion.py:tiny")
     tok = get_tokenizer(config.data, str(tmp_path))

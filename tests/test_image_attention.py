@@ -98,6 +98,7 @@ def _model(cfg, rows, length, slots, seed=0):
     return model, jax.tree.map(draw, nn.unbox(shapes)), batch, info, x
 
 
+@pytest.mark.slow  # test-fast stays under 2 minutes
 def test_patches_see_only_earlier_patches_when_causal():
     """Moving the latent under an image's last patch changes that image's earlier patches'
     predictions only with bidirectional attention; under its first patch, every later patch's
@@ -122,6 +123,7 @@ def test_patches_see_only_earlier_patches_when_causal():
             assert np.all(moved_by_last[:-1] > 1e-6)
 
 
+@pytest.mark.slow  # test-fast stays under 2 minutes
 def test_causal_blockwise_equals_dense_and_the_cache_equals_the_full_forward():
     """A causal model: blockwise attention gives dense's outputs; on the KV cache, prefill,
     a denoising step and commit_image give the full forward's prediction and logits (the cache

@@ -130,6 +130,7 @@ def test_timestep_conditions_both_halves():
     assert not np.allclose(up_apply(pu, h0, skips, t0), up_apply(pu, h0, skips, t1))
 
 
+@pytest.mark.slow  # test-fast stays under 2 minutes
 def test_images_are_independent():
     down, up, pd, pu = random_pair(2, seed=6)
 
@@ -243,6 +244,7 @@ def test_paper_parameter_count():
     assert counts[4096] - counts[768] < 0.03 * counts[4096]
 
 
+@pytest.mark.slow  # test-fast stays under 2 minutes
 def test_bfloat16_compute_float32_params():
     down, up, vd, vu = abstract(2, jnp.bfloat16)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nn.unbox((vd, vu))))

@@ -24,6 +24,7 @@ from rows import build_rows
 TABLE2 = ("0.16b", "0.37b", "0.76b", "1.4b", "7b")
 
 
+@pytest.mark.slow  # test-fast stays under 2 minutes
 def test_padded_columns_are_out_of_the_loss_and_of_sampling():
     cfg = load_config("experiments/transfusion.py:tiny").model
     cfg.vocab_size = 500  # rows' random text ids are below 500
