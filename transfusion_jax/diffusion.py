@@ -63,10 +63,16 @@ def sample_timesteps(key, max_timestep):
     return jax.random.randint(key, max_timestep.shape, 0, max_timestep, dtype=jnp.int32)
 
 
+def _alpha_sigma(schedule: Schedule, t):
+    """(sqrt(abar_t), sqrt(1 - abar_t)) for timesteps t [...], broadcastable to [..., H, W, C]."""
+    abar = schedule.alphas_cumprod[t][..., None, None, None]
+    return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
+
+
 def q_sample(schedule: Schedule, x0, t, noise):
     """x_t for latents x0 [B, M, H, W, C], timesteps t [B, M] and noise like x0."""
-    abar = schedule.alphas_cumprod[t][..., None, None, None]
-    return jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * noise
+    alpha, sigma = _alpha_sigma(schedule, t)
+    return alpha * x0 + sigma * noise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,11 +85,6 @@ def q_sample(schedule: Schedule, x0, t, noise):
 
 PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
-
-
-def _alpha_sigma(schedule: Schedule, t):
-    abar = schedule.alphas_cumprod[t][..., None, None, None]
-    return jnp.sqrt(abar), jnp.sqrt(1.0 - abar)
 
 
 def prediction_target(schedule: Schedule, x0, t, noise, prediction: str):
