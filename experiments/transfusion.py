@@ -64,12 +64,14 @@ def model_config(size: str, patch: str, patch_size: int) -> ml_collections.Confi
     # Paper sizes: latents of the frozen VAE, 256x256 pixels -> 32x32x8 (paper 4.1).
     latent_size, latent_channels, default_patch = SMALL.get(size, (32, 8, 2))
     return ml_collections.ConfigDict(dict(
+        family="transfusion",  # or "chameleon": experiments/chameleon.py, the matched baseline
         # Real token ids: paper sizes take the Llama 2 tokenizer, 32000 pieces + PAD, BOI, EOI;
         # the embedding and LM head are padded to a multiple of 128 (32128), models/transfusion.py.
         vocab_size=512 if small else 32003,
         dim=dim, depth=depth, heads=heads,
         mlp_dim=4 * dim if small else llama_mlp_dim(dim),
-        rope_theta=10000.0, norm_eps=1e-5, qk_norm=False,
+        # qk_norm and norm_reorder: Chameleon's stability changes, off for Transfusion.
+        rope_theta=10000.0, norm_eps=1e-5, qk_norm=False, norm_reorder=False,
         # Table 5: "bidirectional" (the paper's) or "causal" attention among an image's patches.
         image_attention="bidirectional",
         # "auto": the fused kernel of the backend (Pallas splash on TPU, our Pallas Triton kernel

@@ -1,4 +1,5 @@
-"""The Transfusion objective, L = L_LM + lambda * L_DDPM (paper equation 4), as pure functions.
+"""The Transfusion objective, L = L_LM + lambda * L_DDPM (paper equation 4), and the Chameleon
+baseline's, L = L_LM (over text and image tokens) + z-loss, as pure functions.
 
 L_LM: cross-entropy of the next text token, averaged over elements with text_weights = 1.
 L_DDPM: per-image mean squared error of the predicted noise, averaged over used image slots
@@ -84,4 +85,34 @@ def transfusion_loss(outputs, batch, target, ddpm_weight: float = 5.0, normalize
     metrics = {"loss": loss, "lm_loss": lm, "diffusion_loss": ddpm,
                "lm_loss_sum": lm_sum, "diffusion_loss_sum": ddpm_sum,
                "text_tokens": tokens, "images": images}
+    return loss, metrics
+
+
+def z_loss_terms(logits, weights):
+    """(sum of weighted log(Z)^2, Z the softmax denominator): Chameleon's "z-loss" (Chameleon
+    Team 2024, 2.3; PaLM's auxiliary loss), which keeps the logits' normaliser near 1."""
+    log_z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.square(log_z) * weights)
+
+
+def chameleon_loss(logits, batch, z_loss: float = 1e-5, normalizers=None):
+    """Total loss and metrics of the Chameleon baseline: next-token cross-entropy over every
+    token (text and image ids, batch from models/chameleon.py: token_batch) plus `z_loss` times
+    the mean log(Z)^2. Metrics split the LM loss into its text and image parts (`lm_loss_text`
+    compares with Transfusion's `lm_loss`). `normalizers` = (tokens,) of the whole batch when
+    `batch` is a microbatch, as in transfusion_loss."""
+    weights, image_weights = batch["text_weights"], batch["image_weights"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch["targets"])
+    lm_sum, tokens = jnp.sum(ce * weights), jnp.sum(weights)
+    image_sum, image_tokens = jnp.sum(ce * image_weights), jnp.sum(image_weights)
+    z_sum = z_loss_terms(logits, weights)
+    norm = normalizers[0] if normalizers is not None else tokens
+    lm = lm_sum / jnp.maximum(norm, 1.0)
+    z = z_sum / jnp.maximum(norm, 1.0)
+    loss = lm + z_loss * z
+    text_tokens = tokens - image_tokens
+    metrics = {"loss": loss, "lm_loss": lm, "z_loss": z, "lm_loss_sum": lm_sum,
+               "lm_loss_text_sum": lm_sum - image_sum, "lm_loss_image_sum": image_sum,
+               "text_tokens": text_tokens, "image_tokens": image_tokens}
     return loss, metrics

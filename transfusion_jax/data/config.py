@@ -28,6 +28,10 @@ def _defaults() -> ml_collections.ConfigDict:
     c.num_timesteps = 1000  # T; an image before its caption gets max_timestep T // 2
     c.noise_limit = True  # that limit (paper Table 8); False: every image noised over [0, T)
     c.text_to_patch_ratio = 1.0  # text-only-document tokens : image patches
+    # Patches an image counts for in that ratio; 0: the model's own P. A Chameleon run sets
+    # its matched Transfusion's P, so both mix the same documents in the same order
+    # (experiments/chameleon.py), though an image is P Transfusion patches, P' Chameleon tokens.
+    c.mix_patches_per_image = 0
     # A text-only document that does not fit the rest of a row is split to fill it (rows of
     # concatenated text, as the paper's); false: the row closes padded (documents stay whole).
     c.pack_split_text = True
@@ -112,6 +116,9 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
     _check(isinstance(c.pack_split_text, bool), "pack_split_text", c.pack_split_text,
            "true or false")
     _check(c.text_to_patch_ratio > 0, "text_to_patch_ratio", c.text_to_patch_ratio, "a number > 0")
+    _check(isinstance(c.get("mix_patches_per_image", 0), int)
+           and c.get("mix_patches_per_image", 0) >= 0, "mix_patches_per_image",
+           c.get("mix_patches_per_image", 0), "an integer >= 0 (0: the model's patches per image)")
     noise_limit = c.get("noise_limit", True)  # configs written before the field: the paper's
     _check(isinstance(noise_limit, bool), "noise_limit", noise_limit, "true or false")
     _check(c.shapes_split in SHAPES_SPLITS, "shapes_split", c.shapes_split, f"one of {SHAPES_SPLITS}")

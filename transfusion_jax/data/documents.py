@@ -134,9 +134,11 @@ class DocumentBuilder:
 
     def __init__(self, tokenizer, *, patches_per_image: int, image_size: int,
                  caption_first_prob: float, p_uncond: float, num_timesteps: int,
-                 latent_shape: tuple[int, ...] | None = None, noise_limit: bool = True):
+                 latent_shape: tuple[int, ...] | None = None, noise_limit: bool = True,
+                 mix_patches_per_image: int = 0):
         self.tok = tokenizer
         self.P = patches_per_image
+        self.mix_P = mix_patches_per_image or patches_per_image  # counted for the mix ratio
         self.image_size = image_size
         self.latent_shape = latent_shape
         _, self.slot_shape = image_slot(image_size, latent_shape)
@@ -203,7 +205,7 @@ class DocumentBuilder:
         drop, order = rng.random(), rng.random()  # drawn always: one rng stream per record
         text = decode_text(caption if caption is not None else "", "empty_caption")
         loaded = self._load(image)  # pixels, or precomputed latents
-        common = dict(documents=1, pair_documents=1, images=1, image_document_patches=self.P)
+        common = dict(documents=1, pair_documents=1, images=1, image_document_patches=self.mix_P)
         if drop < self.p_uncond:  # caption dropout: an unconditional image, full noise range
             return self._document([None], [loaded], [self.T], counters.counts(
                 captions_dropped=1, **common))
@@ -238,4 +240,4 @@ class DocumentBuilder:
         max_timestep = [self.limited_T if after else self.T for after in text_after]
         return self._document(pieces, images, max_timestep, counters.counts(
             documents=1, interleaved_documents=1, images=len(images),
-            image_document_patches=self.P * len(images)))
+            image_document_patches=self.mix_P * len(images)))

@@ -116,7 +116,8 @@ class DataPipeline:
             tokenizer, patches_per_image=self.patches_per_image, image_size=config.image_size,
             caption_first_prob=config.caption_first_prob, p_uncond=config.p_uncond,
             num_timesteps=config.num_timesteps, latent_shape=self.latent_shape,
-            noise_limit=config.get("noise_limit", True))
+            noise_limit=config.get("noise_limit", True),
+            mix_patches_per_image=config.get("mix_patches_per_image", 0))
         docs = RatioMixIterDataset(self._stream(text_source, builder, 0, config),
                                    self._stream(image_source, builder, 1, config),
                                    config.text_to_patch_ratio)

@@ -1,4 +1,25 @@
-"""Flax Linen modules: the Transfusion model and its parts."""
+"""Flax Linen modules: the Transfusion model, the Chameleon baseline and their parts.
+
+`build_model(config.model)` gives the model of the run's `model.family` ("transfusion", the
+default, or "chameleon"); both take the same apply signatures (models/chameleon.py)."""
+from transfusion_jax.models.chameleon import Chameleon
 from transfusion_jax.models.transfusion import Transfusion, example_inputs, patches_per_image
 
-__all__ = ["Transfusion", "example_inputs", "patches_per_image"]
+FAMILIES = ("transfusion", "chameleon")
+
+
+def family(cfg) -> str:
+    """config.model.family (configs written before the field: "transfusion")."""
+    value = cfg.get("family", "transfusion")
+    if value not in FAMILIES:
+        raise ValueError(f"model.family={value!r}; expected one of {FAMILIES}")
+    return value
+
+
+def build_model(cfg):
+    """The Linen module of config.model's family."""
+    return Chameleon(cfg) if family(cfg) == "chameleon" else Transfusion(cfg)
+
+
+__all__ = ["Chameleon", "FAMILIES", "Transfusion", "build_model", "example_inputs", "family",
+           "patches_per_image"]

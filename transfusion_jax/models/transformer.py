@@ -121,20 +121,27 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)); x + mlp(norm(x)). Signature fits nn.scan: (carry, broadcast...)."""
+    """x + attn(norm(x)); x + mlp(norm(x)): Llama's pre-norm. With model.norm_reorder
+    (Chameleon's stability change, Chameleon Team 2024 section 2.3): x + norm(attn(x));
+    x + norm(mlp(x)), the norm moved onto each branch's output (same parameters, same names).
+    Signature fits nn.scan: (carry, broadcast...)."""
 
     cfg: Any  # config.model
 
     @nn.compact
     def __call__(self, x, segment_ids, mask_pos, positions, kv=None, kv_meta=None):
         c, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-        h = RMSNorm(c.norm_eps, dtype=dtype, name="attn_norm")(x)
+        reorder = c.get("norm_reorder", False)
+        attn_norm = RMSNorm(c.norm_eps, dtype=dtype, name="attn_norm")
+        mlp_norm = RMSNorm(c.norm_eps, dtype=dtype, name="mlp_norm")
         a, kv = Attention(c.dim, c.heads, c.attention, c.attention_block, c.rope_theta,
-                          c.qk_norm, c.norm_eps, dtype, name="attn")(h, segment_ids, mask_pos,
-                                                                      positions, kv, kv_meta)
-        x = x + a
-        h = RMSNorm(c.norm_eps, dtype=dtype, name="mlp_norm")(x)
-        x = constrain(x + SwiGLU(c.dim, c.mlp_dim, dtype, name="mlp")(h), ACT)
+                          c.qk_norm, c.norm_eps, dtype, name="attn")(
+                              x if reorder else attn_norm(x), segment_ids, mask_pos, positions,
+                              kv, kv_meta)
+        x = x + (attn_norm(a) if reorder else a)
+        mlp = SwiGLU(c.dim, c.mlp_dim, dtype, name="mlp")
+        m = mlp_norm(mlp(x)) if reorder else mlp(mlp_norm(x))
+        x = constrain(x + m, ACT)
         return x, kv
 
 

@@ -1,10 +1,11 @@
-"""The Transfusion trainer.
+"""The trainer of both model families: Transfusion and the Chameleon baseline (model.family).
 
     python -m transfusion_jax.train --config experiments/transfusion.py:tiny --workdir DIR \
         [--config.key=value ...]            (the entry point: transfusion_jax/train.py)
 
 Reads top to bottom: config checks, the step (pixels -> frozen autoencoder -> noise -> model ->
-loss -> AdamW), then the loop (mesh, data, state or resume, compile once, steps, metrics one step
+loss -> AdamW; for Chameleon: pixels -> frozen VQ-VAE code ids -> tokens -> model -> LM loss +
+z-loss -> AdamW), then the loop (shared by both) (mesh, data, state or resume, compile once, steps, metrics one step
 late, checkpoints, evaluators of config.evals at their interval, preemption). Batch t is a
 function of (seed, t): the data order comes from the pipeline's seeded, checkpointed iterator
 and the step's noise from fold_in(seed key, t), so a resumed run continues bit for bit.
@@ -36,7 +37,8 @@ from transfusion_jax.data.config import check_fits, validate_data_config
 from transfusion_jax.data.host_data import HostData, process_rows
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.evaluators import common as evaluators
-from transfusion_jax.models import Transfusion, example_inputs, patches_per_image
+from transfusion_jax.models import (FAMILIES, Transfusion, build_model, chameleon,
+                                    example_inputs, family, patches_per_image)
 from transfusion_jax.models.attention import IMPLEMENTATIONS
 from transfusion_jax.models.patching import PATCH_SIZES
 from transfusion_jax.models.transfusion import IMAGE_ATTENTION, padded_vocab_size
@@ -64,6 +66,7 @@ RULES = (
     ("log_every", positive_int),
     ("checkpoint_every", positive_int),
     ("keep_checkpoints", positive_int),
+    ("model.family", one_of(*FAMILIES)),
     ("model.vocab_size", positive_int),
     ("model.dim", positive_int),
     ("model.depth", positive_int),
@@ -72,6 +75,7 @@ RULES = (
     ("model.rope_theta", positive_number),
     ("model.norm_eps", positive_number),
     ("model.qk_norm", boolean),
+    ("model.norm_reorder", boolean),
     ("model.image_attention", one_of(*IMAGE_ATTENTION)),
     ("model.attention", one_of(*IMPLEMENTATIONS)),
     ("model.attention_block", positive_int),
@@ -92,6 +96,11 @@ RULES = (
     ("diffusion.loss_weighting", one_of(*diffusion.LOSS_WEIGHTINGS)),
     *optim.RULES,
 )
+# The Chameleon baseline's own fields (models/chameleon.py, experiments/chameleon.py).
+CHAMELEON_RULES = (
+    ("model.image_vocab_size", positive_int),
+    ("z_loss", non_negative_number),
+)
 
 
 def check_config(config, num_devices: int):
@@ -100,6 +109,18 @@ def check_config(config, num_devices: int):
     autoencoder's channels are checked once it is loaded, `codec.check`.)"""
     check_fields(config, RULES)
     model, data = config.model, config.data
+    if family(model) == "chameleon":
+        check_fields(config, CHAMELEON_RULES)
+        if model.image_vocab_size >= model.vocab_size:
+            raise ValueError(f"model.image_vocab_size={model.image_vocab_size} must be below "
+                             f"model.vocab_size={model.vocab_size}, which counts text and image "
+                             "ids together")
+        if model.patch_size != 1:
+            raise ValueError(f"model.patch_size={model.patch_size}: a Chameleon image element is "
+                             "one code id; expected 1")
+        if model.logits_chunk:
+            raise ValueError(f"model.logits_chunk={model.logits_chunk}: the Chameleon loss takes "
+                             "whole logits for now; expected 0")
     validate_data_config(data)
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
     data_parallel = mesh["data"] * mesh["fsdp"]
@@ -126,7 +147,7 @@ def check_config(config, num_devices: int):
         raise ValueError(f"model.dim={model.dim} must be divisible by model.heads={model.heads}")
     check_fits(data, patches_per_image(model))  # an image plus BOI and EOI must fit in a row
     autoencoder = config.autoencoder
-    codec_lib.check_kind(autoencoder)
+    codec_lib.check_kind(autoencoder, family(model))
     if data.image_size != model.latent_size * autoencoder.downsample:
         raise ValueError(f"data.image_size={data.image_size} must equal model.latent_size="
                          f"{model.latent_size} * autoencoder.downsample={autoencoder.downsample}")
@@ -135,7 +156,8 @@ def check_config(config, num_devices: int):
 
 
 # Fields added after runs were saved without them, with the value that behaves as before.
-ADDED_FIELDS = {"diffusion.snr_shift": 1.0, "diffusion.prediction": "eps", "diffusion.loss_weighting": "none",
+ADDED_FIELDS = {"model.family": "transfusion", "model.norm_reorder": False,
+                "data.mix_patches_per_image": 0, "diffusion.snr_shift": 1.0, "diffusion.prediction": "eps", "diffusion.loss_weighting": "none",
                 "model.image_attention": "bidirectional", "data.noise_limit": True,
                 "data.pack_split_text": False}
 # Fields a resume may change freely: they change neither the model nor the batches. (remat,
@@ -153,25 +175,14 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
     """train_step(state, batch, ae_variables) -> (state, metrics); pure, for jit with donation.
 
     The frozen autoencoder's weights come in as `ae_variables` (no gradient flows to them).
-    A batch with `latents` (precomputed raw means, transfusion_jax.precompute) skips the
-    encoder; a batch with `images` (pixels) is encoded here."""
-    schedule = diffusion.schedule_from_config(config.diffusion)
-    lr = optim.learning_rate(config.optimizer, config.total_steps)
+    A batch with `latents` (precomputed: raw VAE means, or VQ code ids;
+    transfusion_jax.precompute) skips the encoder; a batch with `images` (pixels) is encoded
+    here. The family's parts (_transfusion_parts, _chameleon_parts) turn the batch into the
+    model's inputs and a loss; accumulation, the update, EMA and the finite guard are shared."""
+    parts = _chameleon_parts if family(config.model) == "chameleon" else _transfusion_parts
+    prepare, loss_fn, summarize = parts(config, model, codec)
     accum = config.grad_accum
-
-    chunk = config.model.get("logits_chunk", 0)  # 0: whole logits; else the LM head per chunk
-
-    prediction = config.diffusion.prediction
-    weighting = config.diffusion.loss_weighting
-
-    def loss_fn(params, batch, xt, t, target, normalizers):
-        variables = {"params": params}
-        out = model.apply(variables, batch, xt, t, logits=not chunk)
-        lm_head = functools.partial(model.apply, variables, method=Transfusion.logits_of)
-        weights = (None if weighting == "none" else
-                   diffusion.loss_weights(schedule, t, prediction, weighting))
-        return objectives.transfusion_loss(out, batch, target, config.diffusion.ddpm_weight,
-                                           normalizers, lm_head, chunk, weights)
+    lr = optim.learning_rate(config.optimizer, config.total_steps)
 
     def micro(x):  # [B, ...] -> [A, B/A, ...]; microbatch i takes rows i, i+A, ... of every shard
         return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
@@ -195,19 +206,9 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
 
     def train_step(state, batch, ae_variables=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        key_t, key_noise = jax.random.split(key)
-        if "latents" in batch:
-            x0 = codec.normalize(batch["latents"])
-        else:
-            x0 = codec.encode(jax.lax.stop_gradient(ae_variables), batch["images"])
-        t = diffusion.sample_timesteps(key_t, batch["max_timestep"])
-        noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
-        xt = diffusion.q_sample(schedule, x0, t, noise)
-        target = diffusion.prediction_target(schedule, x0, t, noise, prediction)
-        model_batch = {key: value for key, value in batch.items()
-                       if key not in ("images", "latents")}
-        normalizers = (batch["text_weights"].sum(), batch["image_mask"].sum().astype(jnp.float32))
-        grads, metrics = grads_and_metrics(state.params, (model_batch, xt, t, target), normalizers)
+        inputs, normalizers = prepare(batch, key, ae_variables)
+        grads, metrics = grads_and_metrics(state.params, inputs, normalizers)
+        metrics = summarize(metrics)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -232,11 +233,76 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
     return train_step
 
 
+def _transfusion_parts(config, model, codec):
+    """(prepare, loss_fn, summarize) of Transfusion: noise each image to its own t (paper 3),
+    L = L_LM + lambda L_DDPM."""
+    schedule = diffusion.schedule_from_config(config.diffusion)
+    chunk = config.model.get("logits_chunk", 0)  # 0: whole logits; else the LM head per chunk
+    prediction = config.diffusion.prediction
+    weighting = config.diffusion.loss_weighting
+
+    def prepare(batch, key, ae_variables):
+        key_t, key_noise = jax.random.split(key)
+        if "latents" in batch:
+            x0 = codec.normalize(batch["latents"])
+        else:
+            x0 = codec.encode(jax.lax.stop_gradient(ae_variables), batch["images"])
+        t = diffusion.sample_timesteps(key_t, batch["max_timestep"])
+        noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
+        xt = diffusion.q_sample(schedule, x0, t, noise)
+        target = diffusion.prediction_target(schedule, x0, t, noise, prediction)
+        model_batch = {key: value for key, value in batch.items()
+                       if key not in ("images", "latents")}
+        normalizers = (batch["text_weights"].sum(), batch["image_mask"].sum().astype(jnp.float32))
+        return (model_batch, xt, t, target), normalizers
+
+    def loss_fn(params, batch, xt, t, target, normalizers):
+        variables = {"params": params}
+        out = model.apply(variables, batch, xt, t, logits=not chunk)
+        lm_head = functools.partial(model.apply, variables, method=Transfusion.logits_of)
+        weights = (None if weighting == "none" else
+                   diffusion.loss_weights(schedule, t, prediction, weighting))
+        return objectives.transfusion_loss(out, batch, target, config.diffusion.ddpm_weight,
+                                           normalizers, lm_head, chunk, weights)
+
+    return prepare, loss_fn, lambda metrics: metrics
+
+
+def _chameleon_parts(config, model, codec):
+    """(prepare, loss_fn, summarize) of the Chameleon baseline: images -> VQ code ids -> tokens
+    (models/chameleon.py: token_batch), one LM loss over every token plus the z-loss."""
+
+    def prepare(batch, key, ae_variables):
+        if "latents" in batch:  # precomputed code ids
+            ids = batch["latents"].astype(jnp.int32)
+        else:
+            ids = codec.encode_ids(jax.lax.stop_gradient(ae_variables), batch["images"])
+        tokens = chameleon.token_batch(batch, ids, config.model, pad_id=0)
+        return (tokens,), (tokens["text_weights"].sum(),)
+
+    def loss_fn(params, tokens, normalizers):
+        out = model.apply({"params": params}, tokens)
+        return objectives.chameleon_loss(out["logits"], tokens, config.z_loss, normalizers)
+
+    def summarize(m):  # per-token means of the text and image parts, from the summed terms
+        return dict(m, lm_loss_text=m["lm_loss_text_sum"] / jnp.maximum(m["text_tokens"], 1.0),
+                    lm_loss_image=m["lm_loss_image_sum"] / jnp.maximum(m["image_tokens"], 1.0))
+
+    return prepare, loss_fn, summarize
+
+
 # ============================================================================ the state
 
 
 def model_and_optimizer(config):
-    return Transfusion(config.model), optim.make_optimizer(config.optimizer, config.total_steps)
+    return build_model(config.model), optim.make_optimizer(config.optimizer, config.total_steps)
+
+
+def init_inputs(config, max_images: int):
+    """Shape-only inputs of the family's model for init."""
+    if family(config.model) == "chameleon":
+        return chameleon.example_inputs(config.model, config.data.seq_len)
+    return example_inputs(config.model, config.data.seq_len, max_images)
 
 
 def make_init_fn(config, model, tx, inputs):
@@ -264,7 +330,7 @@ def train(config, workdir: str, data_streams: int | None = None,
     `allow_config_changes`: fields (or prefixes) a resume may change from the saved config."""
     check_config(config, jax.device_count())
     checkpoint.check_resume(workdir, config, RESUME_FREE, allow_config_changes, ADDED_FIELDS)
-    codec = loader.load_codec(config.autoencoder)  # the frozen autoencoder (weights on one device)
+    codec = loader.load_codec(config.autoencoder, family(config.model))  # the frozen autoencoder (weights on one device)
     codec_lib.check(codec, config.model)
     resuming = checkpoint.has_checkpoints(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -304,8 +370,7 @@ def train(config, workdir: str, data_streams: int | None = None,
 
     # --- model and state (restored when the workdir has a checkpoint)
     model, tx = model_and_optimizer(config)
-    init_fn = make_init_fn(config, model, tx,
-                           example_inputs(config.model, config.data.seq_len, pipeline.max_images))
+    init_fn = make_init_fn(config, model, tx, init_inputs(config, pipeline.max_images))
     if start:
         abstract = train_state.abstract_state(init_fn, mesh, config.sharding_rules)
         start, state, data_states = checkpoint.restore_newest_good(

@@ -23,7 +23,10 @@ from typing import Any
 
 from transfusion_jax.models.autoencoder.model import Autoencoder
 
-KINDS = ("identity", "vae")
+KINDS = ("identity", "vae", "vq")
+# autoencoder.kind each model family takes (model.family): Transfusion diffuses continuous
+# latents (or pixels), Chameleon models the VQ-VAE's code ids as tokens.
+FAMILY_KINDS = {"transfusion": ("identity", "vae"), "chameleon": ("vq",)}
 
 @dataclasses.dataclass(frozen=True)
 class Codec:
@@ -50,6 +53,28 @@ class Codec:
         """Pixels -> the transformer's x0."""
         return self.normalize(self.encode_mean(variables, images))
 
+    def encode_ids(self, variables, images):
+        """VQ-VAE: pixels [..., H, W, 3] -> code ids int32 [..., h, w] (Chameleon's image
+        tokens, before the offset past the text vocabulary)."""
+        self._need_vq("encode_ids")
+        lead = images.shape[:-3]
+        flat = images.reshape(-1, *images.shape[-3:])
+        ids = self.model.apply(variables, flat, method=Autoencoder.encode).ids
+        return ids.reshape(*lead, *ids.shape[1:])
+
+    def decode_ids(self, variables, ids):
+        """VQ-VAE: code ids int32 [..., h, w] -> pixels [..., H, W, 3] (float32, about [-1,1])."""
+        self._need_vq("decode_ids")
+        lead = ids.shape[:-2]
+        pixels = self.model.apply(variables, ids.reshape(-1, *ids.shape[-2:]),
+                                  method=Autoencoder.decode_ids)
+        return pixels.reshape(*lead, *pixels.shape[1:])
+
+    def _need_vq(self, what):
+        if self.kind != "vq":
+            raise ValueError(f"Codec.{what}: the {self.kind!r} autoencoder has no code ids "
+                             "(autoencoder.kind='vq' has)")
+
     def decode(self, variables, x0):
         """The transformer's x0 [..., h, w, C] -> pixels [..., H, W, 3] (float32, about [-1,1])."""
         if self.kind == "identity":
@@ -61,14 +86,24 @@ class Codec:
 
 IDENTITY = Codec("identity", None, variables={})
 
-def check_kind(ae_cfg) -> None:
-    if ae_cfg.kind not in KINDS:
-        hint = (" (the VQ-VAE's ids are the Chameleon baseline's image tokens: precompute them "
-                "with transfusion_jax.precompute)" if ae_cfg.kind == "vq" else "")
-        raise ValueError(f"autoencoder.kind={ae_cfg.kind!r}: expected one of {KINDS}{hint}")
+def check_kind(ae_cfg, family: str = "transfusion") -> None:
+    """autoencoder.kind must be one that model.family takes (FAMILY_KINDS)."""
+    allowed = FAMILY_KINDS[family]
+    if ae_cfg.kind not in allowed:
+        hint = {"vq": " (the VQ-VAE's ids are the Chameleon baseline's image tokens: "
+                      "--config experiments/chameleon.py)",
+                "vae": " (the Chameleon baseline reads images as VQ-VAE code ids)"}
+        raise ValueError(f"autoencoder.kind={ae_cfg.kind!r}: model.family={family!r} takes one "
+                         f"of {allowed}{hint.get(ae_cfg.kind, '')}")
 
 def check(codec: Codec, model_cfg) -> None:
     """The transformer's latents must be the codec's: model.latent_channels, named on mismatch."""
+    if codec.kind == "vq":  # Chameleon: the codebook is the image vocabulary
+        codes = codec.ae_config.codebook_size
+        if model_cfg.image_vocab_size != codes:
+            raise ValueError(f"model.image_vocab_size={model_cfg.image_vocab_size}: the VQ-VAE "
+                             f"has {codes} codes")
+        return
     channels = 3 if codec.kind == "identity" else codec.ae_config.latent_channels
     if model_cfg.latent_channels != channels:
         raise ValueError(f"model.latent_channels={model_cfg.latent_channels}: the {codec.kind} "

@@ -30,25 +30,31 @@ def load_frozen(workdir: str, step: int | None = None):
     return config, variables, stats
 
 
-def load_codec(ae_cfg) -> Codec:
-    """The codec of config.autoencoder; a vae's weights come from its workdir, on device 0."""
-    check_kind(ae_cfg)
+def load_codec(ae_cfg, family: str = "transfusion") -> Codec:
+    """The codec of config.autoencoder for a model.family; a VAE's or VQ-VAE's weights come from
+    its workdir, on device 0."""
+    check_kind(ae_cfg, family)
     if ae_cfg.kind == "identity":
         return IDENTITY
+    name = {"vae": "VAE", "vq": "VQ-VAE"}[ae_cfg.kind]
     if not ae_cfg.checkpoint:
-        raise ValueError("autoencoder.checkpoint is empty: expected the workdir of a trained "
-                         "VAE (python -m transfusion_jax.train_autoencoder --config "
-                         "experiments/autoencoder.py:kind=vae --workdir DIR)")
+        raise ValueError(f"autoencoder.checkpoint is empty: expected the workdir of a trained "
+                         f"{name} (python -m transfusion_jax.train_autoencoder --config "
+                         f"experiments/autoencoder.py:kind={ae_cfg.kind} --workdir DIR)")
     config, variables, stats = load_frozen(ae_cfg.checkpoint)
-    if config.model.kind != "vae":
+    if config.model.kind != ae_cfg.kind:
         raise ValueError(f"autoencoder.checkpoint={ae_cfg.checkpoint!r} holds a "
-                         f"{config.model.kind!r} autoencoder; autoencoder.kind='vae' needs a VAE")
+                         f"{config.model.kind!r} autoencoder; autoencoder.kind={ae_cfg.kind!r} "
+                         f"needs a {name}")
+    if ae_cfg.downsample != downsample_factor(config.model):
+        raise ValueError(f"autoencoder.downsample={ae_cfg.downsample}, but the {name} in "
+                         f"{ae_cfg.checkpoint} downsamples by {downsample_factor(config.model)}")
+    variables = jax.tree.map(jnp.asarray, variables)
+    if ae_cfg.kind == "vq":  # code ids need no normalising statistics
+        return Codec("vq", Autoencoder(config.model), variables=variables,
+                     ae_config=config.model)
     if stats is None:
         raise FileNotFoundError(f"{ae_cfg.checkpoint}/latent_stats.json is missing: the VAE's "
                                 "training writes it when it ends (re-run train_autoencoder there)")
-    if ae_cfg.downsample != downsample_factor(config.model):
-        raise ValueError(f"autoencoder.downsample={ae_cfg.downsample}, but the VAE in "
-                         f"{ae_cfg.checkpoint} downsamples by {downsample_factor(config.model)}")
-    variables = jax.tree.map(jnp.asarray, variables)
     return Codec("vae", Autoencoder(config.model), float(stats["shift"]), float(stats["scale"]),
                  variables, config.model)
