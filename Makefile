@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-long test test-fast install install-test clean
+.PHONY: demo demo-long demo-chameleon test test-fast install install-test clean
 
 $(BIN)/.installed: setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,18 @@ demo-long: $(BIN)/.installed $(DEMO_DIR)/autoencoder/latent_stats.json
 	$(DEMO_ENV) $(BIN)/transfusion-train --config experiments/transfusion.py:demo_long \
 		--workdir $(DEMO_DIR)_long --config.autoencoder.checkpoint=$(DEMO_DIR)/autoencoder
 	cat $(DEMO_DIR)_long/evals/6000/shapes/report.md
+
+# The Chameleon baseline at the demo's scale (experiments/chameleon.py:demo): the demo's
+# autoencoder recipe as a VQ-VAE (once), then the matched Chameleon model on its code ids.
+$(DEMO_DIR)/vq/.trained: | $(BIN)/.installed
+	JAX_PLATFORMS=cpu $(BIN)/python -m transfusion_jax.train_autoencoder \
+		--config experiments/autoencoder.py:demo,kind=vq --workdir $(DEMO_DIR)/vq
+	touch $@
+
+demo-chameleon: $(BIN)/.installed $(DEMO_DIR)/vq/.trained
+	$(DEMO_ENV) $(BIN)/transfusion-train --config experiments/chameleon.py:demo \
+		--workdir $(DEMO_DIR)_chameleon --config.autoencoder.checkpoint=$(DEMO_DIR)/vq
+	cat $(DEMO_DIR)_chameleon/evals/*/shapes/report.md
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -20,7 +20,6 @@ fewer images: the demo's rows are longer (512) to keep whole images in them.
 import importlib.util
 import os
 
-import ml_collections
 
 from transfusion_jax.core.config import parse_arg
 

@@ -16,3 +16,19 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 assert ON_ACCELERATOR or jax.device_count() == 8, "conftest must run before anything imports jax"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_workdir(tmp_path_factory):
+    """A tiny VQ-VAE workdir (two steps of experiments/autoencoder.py:tiny,kind=vq, no evals):
+    the frozen image tokenizer of the tiny Chameleon tests, trained once per session."""
+    from transfusion_jax.core.config import load_config
+    from transfusion_jax.trainers import autoencoder as train_autoencoder
+    workdir = str(tmp_path_factory.mktemp("tiny_vq"))
+    config = load_config("experiments/autoencoder.py:tiny,kind=vq")
+    config.total_steps = 2
+    config.evals = {}
+    train_autoencoder.train(config, workdir)
+    return workdir
