@@ -9,6 +9,16 @@ and train with
     --config.data.image_source=latents --config.data.latents_dir=DIR \\
     --config.autoencoder.kind=vae --config.autoencoder.checkpoint=AE_WORKDIR
 
+The Chameleon baseline reads its images as a VQ-VAE's code ids; precompute them the same way
+with its config and VQ-VAE, and train with the same data flags:
+    python -m transfusion_jax.precompute --config experiments/chameleon.py:ARG \\
+        --autoencoder VQ_WORKDIR --out DIR
+    python -m transfusion_jax.train --config experiments/chameleon.py:ARG \\
+        --config.data.image_source=latents --config.data.latents_dir=DIR \\
+        --config.autoencoder.checkpoint=VQ_WORKDIR
+The kind stored is the autoencoder's (manifest "kind": "vae" | "vq"); the trainer refuses a
+folder of the other family's kind at start.
+
 It reads `config.data`'s image source (the one the pipeline would build, so record i of DIR is
 record i of that source), loads every image as the pipeline does (data.image_size, RGB in
 [-1, 1]), encodes them in jitted batches of B (VAE: the raw posterior mean, float32, normalised
@@ -57,13 +67,6 @@ class Encoder:
     info: dict              # the manifest's "autoencoder" entry
 
 
-def _checkpoint_step(workdir: str) -> int | None:
-    """The step load_frozen restores (the latest), for the manifest's record."""
-    folder = os.path.join(workdir, "checkpoints")
-    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
-    return max(steps, default=None)
-
-
 def load_encoder(workdir: str, image_size: int, batch_size: int) -> Encoder:
     """The frozen VAE (its posterior mean, through codec.Codec.encode_mean) or VQ-VAE (its
     code ids) of an autoencoder workdir, for image_size x image_size images."""
@@ -103,8 +106,8 @@ def load_encoder(workdir: str, image_size: int, batch_size: int) -> Encoder:
     pixels = jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32)
     shape = tuple(jax.eval_shape(fn, variables, pixels).shape[1:])
     info = {"workdir": os.path.abspath(workdir), "kind": kind, "downsample": factor,
-            "step": _checkpoint_step(workdir), "image_size": ae_config.data.image_size,
-            "latent_stats": stats}
+            "step": latent_records.checkpoint_step(workdir),
+            "image_size": ae_config.data.image_size, "latent_stats": stats}
     return Encoder(kind, fn, variables, shape, info)
 
 
@@ -206,6 +209,7 @@ def precompute(config, out: str, *, autoencoder: str = "", shards: int = 1,
     previous = _check_out(out, overwrite)
     ae_dir = autoencoder or config.get("autoencoder", {}).get("checkpoint", "")
     encoder = load_encoder(ae_dir, data.image_size, batch_size)
+    _check_family(config, ae_dir, encoder.kind)
     source = build_image_source(data)
     if shards > len(source):
         raise ValueError(f"--shards = {shards}: the source has only {len(source)} records; "
@@ -223,6 +227,18 @@ def precompute(config, out: str, *, autoencoder: str = "", shards: int = 1,
         json.dump(manifest, f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(out, latent_records.MANIFEST))  # last: its presence marks a finished run
     return manifest
+
+
+def _check_family(config, ae_dir: str, kind: str) -> None:
+    """A config of a model family (model.family) precomputes the kind that family reads
+    (latent_records.FAMILY_KINDS): a VAE for Transfusion, a VQ-VAE for Chameleon."""
+    model = config.get("model")
+    family = model.get("family", "transfusion") if model is not None else None
+    wanted = latent_records.FAMILY_KINDS.get(family)
+    if wanted is not None and kind != wanted:
+        raise ValueError(f"--autoencoder = {ae_dir!r}: a {kind!r} autoencoder, but the config's "
+                         f"model.family = {family!r} reads {wanted!r} latents; expected a "
+                         f"{wanted!r} autoencoder (experiments/autoencoder.py:kind={wanted})")
 
 
 def _write_shards(data, source, encoder: Encoder, out: str, num_shards: int, batch_size: int,

@@ -7,13 +7,15 @@ A source record is a dict of one of three kinds:
   {"parts": [{"text": ...} | {"image": IMAGE}, ...]}       interleaved document
 where IMAGE is a uint8 array [H, W] or [H, W, 1|3|4], a file path, or encoded image bytes.
 Records of precomputed latents (data.image_source "latents", see latent_records.py) have the
-same kinds with IMAGE a float32 latent array [h, w, C], or {"error": reason} where the image
-failed to load when it was encoded.
+same kinds with IMAGE a float32 VAE latent array [h, w, C] (Transfusion) or an int32 array of
+VQ-VAE code ids [h, w] (Chameleon), or {"error": reason} where the image failed to load when it
+was encoded.
 
 A document is a dict of arrays, the unit the mixer and the packer work on:
   tokens [n] int32: BOS ... EOS with BOI, P PAD placeholders, EOI for each image
   boi [k] int32: index of each image's BOI in tokens
-  images [k, S, S, 3] float32 in [-1, 1] (or [k, h, w, C] raw latents: `image_slot`)
+  images [k, S, S, 3] float32 in [-1, 1] (or [k, h, w, C] float32 raw VAE latents, or
+      [k, h, w] int32 VQ code ids: `image_slot`)
   max_timestep [k] int32: T, or T // 2 for an image that text follows (the noise limit, paper
       section 4.1 and Table 8; `noise_limit=False`, data.noise_limit, gives every image T)
   counts: counter vector (counters.py)
@@ -97,24 +99,30 @@ def load_image(value, size: int) -> np.ndarray:
 
 
 def load_latents(value, shape: tuple[int, ...]) -> np.ndarray:
-    """A precomputed image: float32 latents of `shape`. {"error": reason} is an image that failed
-    to load when it was encoded; it is skipped here, where its pixels would have failed."""
+    """A precomputed image: latents of `shape` and the dtype image_slot gives it (float32 VAE
+    latents [h, w, C], int32 VQ code ids [h, w]). {"error": reason} is an image that failed to
+    load when it was encoded; it is skipped here, where its pixels would have failed."""
     if isinstance(value, dict) and "error" in value:
         reason = value["error"]
         raise SkipDocument(reason if reason in counters.SKIP_REASONS else "bad_record")
     if not isinstance(value, np.ndarray):
         raise SkipDocument("bad_record")
-    if value.dtype != np.float32 or value.shape != tuple(shape):
+    _, _, dtype = image_slot(0, shape)
+    if value.dtype != dtype or value.shape != tuple(shape):
         raise SkipDocument("bad_image_shape")
     return value
 
 
 def image_slot(image_size: int, latent_shape: tuple[int, ...] | None = None):
-    """(batch key, shape of one image) of the image slots: pixels "images" [S, S, 3], or
-    precomputed raw latents "latents" [h, w, C] when `latent_shape` is given."""
+    """(batch key, shape of one image, dtype) of the image slots: pixels "images" [S, S, 3]
+    float32; or, when `latent_shape` is given, precomputed "latents": raw VAE latents [h, w, C]
+    float32 (Transfusion), or VQ-VAE code ids [h, w] int32 (Chameleon: a 2-dim latent_shape).
+    Code ids stay int32 all the way to the step: exact for any codebook (float32 would be exact
+    below 2^24 only), the same 4 bytes, and the step's astype(int32) is then a no-op."""
     if latent_shape is None:
-        return "images", (image_size, image_size, 3)
-    return "latents", tuple(int(d) for d in latent_shape)
+        return "images", (image_size, image_size, 3), np.dtype(np.float32)
+    shape = tuple(int(d) for d in latent_shape)
+    return "latents", shape, np.dtype(np.int32 if len(shape) == 2 else np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +132,7 @@ class DocumentBuilder:
     """record, rng -> document. A Grain random_map transform; picklable for worker processes.
 
     With `latent_shape` the records' images are precomputed latents of that shape (the latents
-    source), taken as they are; every other step, and every random draw, is the pixel path's,
+    source: (h, w, C) VAE latents, or (h, w) VQ code ids), taken as they are; every other step, and every random draw, is the pixel path's,
     so a record gives the same document either way but for its images.
 
     `noise_limit` (data.noise_limit, default the paper's): an image followed by text in its
@@ -141,7 +149,7 @@ class DocumentBuilder:
         self.mix_P = mix_patches_per_image or patches_per_image  # counted for the mix ratio
         self.image_size = image_size
         self.latent_shape = latent_shape
-        _, self.slot_shape = image_slot(image_size, latent_shape)
+        _, self.slot_shape, self.slot_dtype = image_slot(image_size, latent_shape)
         self.caption_first_prob = caption_first_prob
         self.p_uncond = p_uncond
         self.T = num_timesteps
@@ -155,7 +163,7 @@ class DocumentBuilder:
 
     def empty(self, counts: np.ndarray) -> dict:
         return {"tokens": np.zeros(0, np.int32), "boi": np.zeros(0, np.int32),
-                "images": np.zeros((0, *self.slot_shape), np.float32),
+                "images": np.zeros((0, *self.slot_shape), self.slot_dtype),
                 "max_timestep": np.zeros(0, np.int32), "counts": counts}
 
     def _build(self, record, rng) -> dict:
@@ -189,7 +197,8 @@ class DocumentBuilder:
             tokens.extend(piece)
         tokens.append(self.tok.eos_id)
         return {"tokens": np.asarray(tokens, np.int32), "boi": np.asarray(boi, np.int32),
-                "images": np.asarray(images, np.float32).reshape(len(images), *self.slot_shape),
+                "images": np.asarray(images, self.slot_dtype).reshape(len(images),
+                                                                      *self.slot_shape),
                 "max_timestep": np.asarray(max_timestep, np.int32).reshape(len(images)),
                 "counts": counts}
 

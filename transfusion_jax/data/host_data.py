@@ -45,7 +45,8 @@ def stream_rows(batch_size: int, num_streams: int, lo: int, hi: int):
 
 class HostData:
     """next() -> this process's rows (the batch contract, numpy: `images`, or `latents` for
-    precomputed latents); states per stream. `latent_shape`: see make_pipeline."""
+    precomputed VAE latents or VQ code ids); states per stream. `latent_shape`: see
+    make_pipeline ((h, w, C) for Transfusion, (h, w) for Chameleon)."""
 
     def __init__(self, config, *, patches_per_image: int, tokenizer, num_streams: int,
                  rows: tuple[int, int], latent_shape: tuple[int, ...] | None = None):

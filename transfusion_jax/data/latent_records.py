@@ -28,6 +28,11 @@ manifest.json:
     shards [{"file", "num_records"}]; autoencoder {workdir, kind, downsample, step, image_size
     (what it was trained on), latent_stats (VAE: shift, scale; the trainer's normalisation)};
     data (the data config the records were read with: image_source, image_size, ...).
+
+Who reads which kind (FAMILY_KINDS): the Transfusion model VAE latents, the Chameleon baseline
+VQ code ids; the pipeline and the trainer refuse the other kind at start (check_kind). In a
+batch, VAE latents are `latents` float32 [B, M, h, w, C]; VQ code ids `latents` int32
+[B, M, h, w], exact (documents.image_slot).
 """
 from __future__ import annotations
 
@@ -176,24 +181,54 @@ class LatentsSource:
         return record
 
 
+# The kind of latents each model family reads (model.family), and what each kind is.
+FAMILY_KINDS = {"transfusion": "vae", "chameleon": "vq"}
+_DESCRIBED = {"vae": "latents (a VAE's posterior means)", "vq": "code ids (a VQ-VAE's)"}
+
+
+def expected_kind(latent_shape: tuple[int, ...] | None) -> str:
+    """The kind of precomputed latents a model reads, from the shape of one image it expects:
+    (h, w, C) VAE latents (Transfusion), (h, w) VQ code ids (Chameleon); None: Transfusion's."""
+    if latent_shape is None or len(latent_shape) == 3:
+        return "vae"
+    if len(latent_shape) == 2:
+        return "vq"
+    raise ValueError(f"latent_shape = {tuple(latent_shape)}: expected (h, w, C) for VAE latents "
+                     "or (h, w) for VQ-VAE code ids")
+
+
+def check_kind(manifest: dict, latents_dir: str, kind: str) -> None:
+    """The folder must hold the kind the run's model family reads (FAMILY_KINDS)."""
+    if manifest["kind"] == kind:
+        return
+    family = {v: k for k, v in FAMILY_KINDS.items()}[kind]
+    raise ValueError(
+        f"data.latents_dir = {latents_dir!r}: it holds {manifest['kind']!r} "
+        f"{_DESCRIBED[manifest['kind']]}, but model.family = {family!r} reads {kind!r} "
+        f"{_DESCRIBED[kind]}; expected the --out folder of `python -m transfusion_jax.precompute "
+        f"--autoencoder DIR` with DIR a {kind!r} autoencoder (experiments/autoencoder.py:"
+        f"kind={kind}), the one in autoencoder.checkpoint")
+
+
 def check_latents(source: LatentsSource, *, image_size: int, patches_per_image: int,
                   latent_shape: tuple[int, ...] | None = None) -> None:
-    """The pipeline's check that the stored latents are what the model will patchify: VAE
-    latents, of images of data.image_size, square, cut into `patches_per_image` square patches;
-    exactly `latent_shape` (h, w, C) when the caller knows it."""
+    """The pipeline's check that the stored latents are what the model will read: of the kind
+    `latent_shape` implies (expected_kind: VAE latents for Transfusion, VQ code ids for
+    Chameleon), of images of data.image_size, square, cut into `patches_per_image` square
+    patches (Chameleon: one code id each); exactly `latent_shape` when the caller gives it."""
     m, where = source.manifest, source.latents_dir
-    if m["kind"] != "vae":
-        raise _error(where, f"it holds {m['kind']!r} code ids; image_source 'latents' feeds the "
-                            "Transfusion model VAE latents (kind 'vae')")
+    kind = expected_kind(latent_shape)
+    check_kind(m, where, kind)
     encoded_size = m["data"]["image_size"]
     if encoded_size != image_size:
         raise ValueError(f"data.image_size = {image_size}: the latents in {where!r} were encoded "
                          f"from {encoded_size}x{encoded_size} images; expected {encoded_size}")
     shape = tuple(m["latent_shape"])
     if latent_shape is not None and shape != tuple(latent_shape):
+        fields = ("model.latent_size, model.latent_size" if kind == "vq" else
+                  "model.latent_size, model.latent_size, model.latent_channels")
         raise _error(where, f"latents of shape {shape}, but the model expects "
-                            f"{tuple(latent_shape)} (model.latent_size, model.latent_size, "
-                            "model.latent_channels)")
+                            f"{tuple(latent_shape)} ({fields})")
     h, w = shape[:2]
     per_patch = h * w // patches_per_image if h * w % patches_per_image == 0 else 0
     k = math.isqrt(per_patch)
@@ -203,15 +238,36 @@ def check_latents(source: LatentsSource, *, image_size: int, patches_per_image: 
                             "patch_size)^2)")
 
 
-def check_autoencoder(latents_dir: str, checkpoint: str) -> None:
-    """For the trainer: the latents must come from the VAE it normalises them with
-    (config.autoencoder.checkpoint), or their statistics are not the ones it applies."""
+def checkpoint_step(workdir: str) -> int | None:
+    """The newest checkpoint step of an autoencoder workdir (the one loader.load_frozen
+    restores); None without checkpoints."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) else []
+    return max(steps, default=None)
+
+
+def check_autoencoder(latents_dir: str, checkpoint: str, kind: str = "vae") -> None:
+    """For the trainer: the folder must hold the `kind` its model family reads (FAMILY_KINDS:
+    "vae" for Transfusion, "vq" for Chameleon), encoded by the autoencoder it runs
+    (config.autoencoder.checkpoint): a VAE's latents are normalised with its latent_stats.json,
+    which must be the statistics they were encoded with; a VQ-VAE's code ids (it has no
+    statistics) must come from the checkpoint step it would load, or they are another
+    codebook's."""
     m = read_manifest(latents_dir)
+    check_kind(m, latents_dir, kind)
     stored = m["autoencoder"]["workdir"]
     if os.path.realpath(stored) != os.path.realpath(checkpoint):
         raise ValueError(f"autoencoder.checkpoint = {checkpoint!r}: the latents in "
                          f"data.latents_dir = {latents_dir!r} were encoded by {stored!r}; "
                          "expected the same autoencoder")
+    if kind == "vq":
+        encoded, newest = m["autoencoder"]["step"], checkpoint_step(checkpoint)
+        if encoded != newest:
+            raise ValueError(f"autoencoder.checkpoint = {checkpoint!r}: its newest checkpoint is "
+                             f"step {newest}, the code ids in data.latents_dir = "
+                             f"{latents_dir!r} were encoded with step {encoded} (trained on "
+                             "since?); expected the same: precompute again")
+        return
     stats_path = os.path.join(checkpoint, "latent_stats.json")
     stats = json.load(open(stats_path)) if os.path.exists(stats_path) else None
     if stats != m["autoencoder"]["latent_stats"]:

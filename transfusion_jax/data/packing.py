@@ -9,8 +9,9 @@ Rules:
     current row and then whole rows; a cut never falls inside BOI..EOI. Each piece is its own
     segment (positions restart, no attention across pieces); the first piece keeps BOS, the last
     keeps EOS.
-Image slots hold pixels (`images` [M, S, S, 3]) or, for the latents source, precomputed raw
-latents (`latents` [M, h, w, C], `latent_shape`); the rest of a row does not depend on which.
+Image slots hold pixels (`images` [M, S, S, 3]) or, for the latents source, precomputed
+`latents` of `latent_shape`: raw VAE latents float32 [M, h, w, C], or VQ code ids int32
+[M, h, w] (documents.image_slot); the rest of a row does not depend on which.
 The packer is a Grain iterator whose state is (parent state before the pending document,
 elements of it already emitted): restoring re-reads that document and re-packs identically.
 """
@@ -45,8 +46,9 @@ def assemble_row(pieces, *, L: int, M: int, P: int, image_size: int, pad_id: int
                  num_timesteps: int, latent_shape: tuple[int, ...] | None = None
                  ) -> dict[str, np.ndarray]:
     """One row from pieces (doc, start, stop), laid out left to right. Pure. The image slots are
-    `images` [M, S, S, 3], or `latents` [M, *latent_shape] when that is given (image_slot)."""
-    image_key, image_shape = image_slot(image_size, latent_shape)
+    `images` [M, S, S, 3], or `latents` [M, *latent_shape] when that is given, in the dtype
+    image_slot gives (int32 code ids for a 2-dim latent_shape); empty slots are zeros."""
+    image_key, image_shape, image_dtype = image_slot(image_size, latent_shape)
     row = {
         "tokens": np.full(L, pad_id, np.int32),
         "segment_ids": np.zeros(L, np.int32),
@@ -54,7 +56,7 @@ def assemble_row(pieces, *, L: int, M: int, P: int, image_size: int, pad_id: int
         "mask_pos": np.arange(L, dtype=np.int32),
         "patch_index": np.full(L, -1, np.int32),
         "patch_positions": np.zeros((M, P), np.int32),
-        image_key: np.zeros((M, *image_shape), np.float32),
+        image_key: np.zeros((M, *image_shape), image_dtype),
         "image_mask": np.zeros(M, bool),
         "max_timestep": np.full(M, num_timesteps, np.int32),
     }

@@ -10,7 +10,9 @@ the iterator state, so restoring a state continues with exactly the batches that
 followed. Changing `worker_count` changes the order (each worker packs its own slice).
 
 With data.image_source "latents" (images precomputed by transfusion_jax.precompute) a batch
-carries `latents` float32 [B, M, h, w, C] (raw VAE means) in place of `images`; its other
+carries `latents` in place of `images`: float32 [B, M, h, w, C] raw VAE means for the
+Transfusion model, or int32 [B, M, h, w] VQ-VAE code ids for the Chameleon baseline (exact;
+which one the caller's `latent_shape` says, and the folder must hold that kind). Its other
 fields are the ones the source the latents came from gives for the same seed.
 """
 from __future__ import annotations
@@ -64,8 +66,10 @@ class DataPipeline:
     pipeline.set_state(state)      # continue with the batches that followed that state
     pipeline.metrics()             # counters of everything consumed so far
 
-    `latent_shape` (h, w, C), when given, is what the model expects of precomputed latents
-    (image_source "latents"): a folder of another shape is an error at start.
+    `latent_shape`, when given, is what the model expects of one precomputed image
+    (image_source "latents"): (h, w, C) VAE latents (Transfusion), (h, w) VQ code ids
+    (Chameleon); a folder of another kind or shape is an error at start. Without it the folder
+    must hold VAE latents (latent_records.expected_kind), of any shape the patches fit.
     """
 
     def __init__(self, config, *, patches_per_image: int, tokenizer,
@@ -173,8 +177,10 @@ def make_pipeline(config, *, patches_per_image: int, tokenizer,
     """The trainer's entry point. `config` is the data ConfigDict (`config.data`);
     `patches_per_image` = (image_size / downsample / patch_size)^2 of the model;
     shard defaults: this host, jax.process_index() of jax.process_count();
-    `latent_shape`: (latent_size, latent_size, latent_channels) of the model, checked against
-    precomputed latents (image_source "latents") when given."""
+    `latent_shape`: what the model reads of one precomputed image (image_source "latents"),
+    checked against the folder when given: (latent_size, latent_size, latent_channels) of a
+    Transfusion model (VAE latents), (latent_size, latent_size) of a Chameleon model (VQ code
+    ids; int32 `latents` [B, M, h, w] in its batches)."""
     return DataPipeline(config, patches_per_image=patches_per_image, tokenizer=tokenizer,
                         shard_index=shard_index, shard_count=shard_count,
                         latent_shape=latent_shape)
