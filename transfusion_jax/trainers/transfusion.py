@@ -354,9 +354,14 @@ def train(config, workdir: str, data_streams: int | None = None,
     streams = _data_streams(manager, start, data_streams)
     model_cfg = config.model
     precomputed = config.data.image_source == "latents"
-    if precomputed:  # the latents must come from the VAE whose statistics normalise them
-        latent_records.check_autoencoder(config.data.latents_dir, config.autoencoder.checkpoint)
-    latent_shape = (model_cfg.latent_size, model_cfg.latent_size, model_cfg.latent_channels)
+    # Precomputed: the family's kind (VAE latents; Chameleon: VQ code ids, shape (h, w)) from
+    # the autoencoder this run loads (its statistics normalise VAE latents).
+    kind = latent_records.FAMILY_KINDS[family(model_cfg)]
+    if precomputed:
+        latent_records.check_autoencoder(config.data.latents_dir, config.autoencoder.checkpoint,
+                                         kind)
+    latent_shape = (model_cfg.latent_size,) * 2 + ((model_cfg.latent_channels,)
+                                                   if kind == "vae" else ())
     pipeline = HostData(config.data, patches_per_image=patches_per_image(model_cfg),
                         tokenizer=tokenizer, num_streams=streams,
                         rows=process_rows(batch_sharding, config.data.batch_size),
