@@ -110,7 +110,8 @@ def slot_usage(rows: int) -> dict:
             "patches_per_image": p, "max_images": m, "image_size": data.image_size,
             "text_to_patch_ratio": data.text_to_patch_ratio, "rows": rows,
             "tokenizer": f"shapes sentencepiece, vocab {data.tokenizer_vocab_size}",
-            "mean_used_slots": round(preset["mean"], 3), "used_min_max": [preset["min"], preset["max"]],
+            "mean_used_slots": round(preset["mean"], 3),
+            "used_min_max": [preset["min"], preset["max"]],
             "used_share": round(preset["mean"] / m, 4),
             "measured_text_to_patch_ratio": preset["text_to_patch_ratio"],
             "padding_fraction": preset["padding_fraction"],
@@ -247,7 +248,7 @@ def measure(size: str, patch: str, usage: dict, vae_per_slot: float) -> dict:
     config.model.attention = "dense"  # the full L x L scores, as core/flops.py counts them
     batch, m = config.data.batch_size, usage["max_images"]
     used = usage["mean_used_slots"]
-    near = int(round(used))
+    near = round(used)
     start = time.perf_counter()
     one, two = step_flops(config, 1, m), step_flops(config, 2, m)
     one_near = step_flops(config, 1, near)
