@@ -15,6 +15,11 @@ conditional generation, rows [B, 2B) the same generation with the prompt replace
     gen = Generator(config.model, schedule, Specials.from_tokenizer(tok), ImageSampling(...))
     out = gen(params, build_prompt(rows, config.model, specials), key, max_new_tokens=64)
 
+The Chameleon baseline (model.family "chameleon", paper section 4.2) runs through the same
+`Generator` and `build_prompt`: an image is `tokens_per_image` VQ code ids in the token stream,
+sampled one token at a time (`Generator._generate_tokens`, its docstring has the rules); prompt
+images are code-id grids [h, w] and `Generation.images` holds the generated code ids.
+
 Tasks built on it (text to image, captions, grids) are in inference/tasks.py; the command line
 is `python -m transfusion_jax.generate --workdir DIR`.
 """
@@ -27,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfusion_jax import diffusion
-from transfusion_jax.models import Transfusion, patches_per_image
+from transfusion_jax.models import Transfusion, build_model, family, patches_per_image
 from transfusion_jax.models import attention
+from transfusion_jax.models.chameleon import text_vocab_size, tokens_per_image
 from transfusion_jax.models.kv_cache import KVCache, advance, init_cache
 
 
@@ -70,22 +76,37 @@ class Prompt(NamedTuple):
     lengths: jax.Array
 
 
+# Chameleon's image tokens: plain sampling at temperature 1 (Generator._generate_tokens).
+IMAGE_TOKENS = TextSampling(temperature=1.0)
+
+
 class Generation(NamedTuple):
-    tokens: jax.Array      # int32 [B, max_new_tokens]: text, BOI/EOI around each image; PAD after
-    num_tokens: jax.Array  # int32 [B]
-    images: jax.Array      # float32 [B, max_images, H, W, C]: the generated latents, in order
-    num_images: jax.Array  # int32 [B]
+    """Transfusion: `tokens` int32 [B, max_new_tokens] (text, BOI/EOI around each image; PAD
+    after), `images` float32 [B, max(max_images, 1), H, W, C] (the generated latents x0, in
+    order). Chameleon: `tokens` int32 [B, max_new_tokens + max(max_images, 1) * P] (the whole
+    stream: text, and BOI, the image's P = tokens_per_image ids (text_vocab_size + code), EOI for
+    each image), `images` int32 [B, max(max_images, 1), h, w] (each image's code ids, the
+    VQ-VAE's, without the offset: Codec.decode_ids takes them). `num_tokens` and `num_images`
+    int32 [B] count what is in use."""
+    tokens: jax.Array
+    num_tokens: jax.Array
+    images: jax.Array
+    num_images: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
 # Prompts and chunks (numpy / jnp arrays in cache coordinates, see kv_cache.py).
 
 def build_prompt(rows, cfg, specials: Specials = Specials(), length: int | None = None) -> Prompt:
-    """rows: per row a list of parts, each a sequence of token ids or an image latent [H, W, C].
-    BOS is prepended, images are wrapped in BOI ... EOI; a row may end with [specials.boi] to
-    ask for an image first. Rows are padded to `length` (default: the longest)."""
+    """rows: per row a list of parts, each a sequence of token ids or an image: a latent
+    [H, W, C] (Transfusion) or the VQ-VAE's code ids [h, w] (Chameleon, model.family; they become
+    the text elements BOI, text_vocab_size + code in raster order, EOI, and the Prompt has no
+    images). BOS is prepended, images are wrapped in BOI ... EOI; a row may end with
+    [specials.boi] to ask for an image first. Rows are padded to `length` (default: the
+    longest)."""
     p, size, ch = patches_per_image(cfg), cfg.latent_size, cfg.latent_channels
-    elements = [_row_elements(parts, p, (size, size, ch), specials) for parts in rows]
+    codes = _code_image(cfg) if family(cfg) == "chameleon" else None
+    elements = [_row_elements(parts, p, (size, size, ch), specials, codes) for parts in rows]
     lengths = [len(e) for e, _ in elements]
     length = length or max(lengths)
     if max(lengths) > length:
@@ -111,12 +132,33 @@ def build_prompt(rows, cfg, specials: Specials = Specials(), length: int | None 
                   jnp.asarray(images) if m else None, jnp.asarray(lengths, jnp.int32))
 
 
-def _row_elements(parts, p, image_shape, specials):
-    """[(token, slot or -1, patch)], [images] of one row."""
+def _code_image(cfg):
+    """(first image id, codebook size, grid shape) of a Chameleon config."""
+    return text_vocab_size(cfg), cfg.image_vocab_size, (cfg.latent_size, cfg.latent_size)
+
+
+def _code_elements(arr, codes, specials):
+    """A Chameleon prompt image (code ids [h, w]) -> its text elements BOI, ids, EOI."""
+    offset, count, shape = codes
+    if arr.shape != shape or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"prompt image {arr.dtype} {arr.shape}: a Chameleon prompt image is the "
+                         f"VQ-VAE's code ids, int {shape} (model.latent_size^2; Codec.encode_ids)")
+    if arr.min() < 0 or arr.max() >= count:
+        raise ValueError(f"prompt image code ids in [{arr.min()}, {arr.max()}]: expected "
+                         f"0 .. {count - 1} (model.image_vocab_size={count})")
+    return ([(specials.boi, -1, 0)] + [(offset + int(c), -1, 0) for c in arr.reshape(-1)]
+            + [(specials.eoi, -1, 0)])
+
+
+def _row_elements(parts, p, image_shape, specials, codes=None):
+    """[(token, slot or -1, patch)], [images] of one row; `codes` (_code_image): a Chameleon
+    row, whose images are code-id grids."""
     elems, imgs = [(specials.bos, -1, 0)], []
     for part in parts:
         arr = np.asarray(part)
-        if arr.ndim == 3:
+        if codes is not None and arr.ndim == 2 and arr.size:
+            elems += _code_elements(arr, codes, specials)
+        elif codes is None and arr.ndim == 3:
             if arr.shape != image_shape:
                 raise ValueError(f"prompt image shape {arr.shape}: expected {image_shape} "
                                  "(model.latent_size, latent_size, latent_channels)")
@@ -126,8 +168,10 @@ def _row_elements(parts, p, image_shape, specials):
         elif arr.ndim == 1 or arr.size == 0:
             elems += [(int(t), -1, 0) for t in arr.reshape(-1)]
         else:
-            raise ValueError(f"prompt part of shape {arr.shape}: expected token ids [n] or an "
-                             f"image latent {image_shape}")
+            image = (f"an image's code ids {codes[2]}" if codes is not None
+                     else f"an image latent {image_shape}")
+            raise ValueError(f"prompt part of shape {arr.shape}: expected token ids [n] or "
+                             f"{image}")
     return elems, imgs
 
 
@@ -153,7 +197,8 @@ def image_chunk(start, active, p: int, eoi: int | None = None):
 
 
 # ---------------------------------------------------------------------------------------------
-# The cached model calls. `model` is a Transfusion; every function is pure.
+# The cached model calls. `model` is a Transfusion (or, for prefill and decode_text, a
+# Chameleon: the same extend signature); every function is pure.
 
 def pad_chunk(chunk, multiple: int):
     """A prompt chunk padded with empty elements (segment 0) to a multiple of `multiple`, so a
@@ -185,7 +230,7 @@ def prefill(model, params, cache: KVCache, prompt: Prompt):
     images, t = prompt.images, None
     if images is not None:
         t = jnp.zeros(images.shape[:2], jnp.int32)  # prompt images are clean (t = 0)
-    out, cache = model.apply(params, prompt.chunk, images, t, cache, method=Transfusion.extend)
+    out, cache = model.apply(params, prompt.chunk, images, t, cache, method=type(model).extend)
     last = jnp.take_along_axis(out["logits"], (prompt.lengths - 1)[:, None, None], axis=1)
     return advance(cache, prompt.lengths), last[:, 0]
 
@@ -193,7 +238,7 @@ def prefill(model, params, cache: KVCache, prompt: Prompt):
 def decode_text(model, params, cache: KVCache, tokens, active):
     """Append one token per active row -> (cache, logits [B, V] after it)."""
     out, cache = model.apply(params, text_chunk(tokens, cache.length, active), None, None, cache,
-                             method=Transfusion.extend)
+                             method=type(model).extend)
     return advance(cache, active.astype(jnp.int32)), out["logits"][:, 0]
 
 
@@ -280,19 +325,40 @@ class _State(NamedTuple):
     out: Generation
 
 
+class _TokenState(NamedTuple):
+    """The Chameleon loop's state (Generator._generate_tokens)."""
+    cache: KVCache
+    logits: jax.Array      # [R, V] the next-token logits of every row (R = 2B with guidance)
+    step: jax.Array        # loop iteration (keys fold it in)
+    image_left: jax.Array  # int32 [B]: 0 in text mode; k > 1: k - 1 image tokens, then EOI; 1: EOI
+    counted: jax.Array     # int32 [B]: tokens of the max_new_tokens budget (all but image ids)
+    done: jax.Array        # bool [B]
+    out: Generation
+
+
 class Generator:
     """Jitted mixed-modal generation for one model config and sampler settings.
 
     __call__(params, prompt, key, uncond=None, guidance=1.0, max_new_tokens, max_images,
     allow_images) -> Generation. `uncond` (a Prompt, same rows) turns on classifier-free
-    guidance for the images with scale `guidance` (a runtime value: no recompilation)."""
+    guidance for the images with scale `guidance` (a runtime value: no recompilation).
 
-    def __init__(self, cfg, schedule: diffusion.Schedule, specials: Specials = Specials(),
-                 image: ImageSampling = ImageSampling(), text: TextSampling = TextSampling()):
-        self.model, self.specials, self.text = Transfusion(cfg), specials, text
-        self.tables = diffusion.sampler_tables(schedule, image.sampler, image.steps, image.eta,
-                                               clip_x0=image.clip_x0,
-                                               prediction=image.prediction)
+    The model is config.model's family (models.build_model). Transfusion: images are diffused
+    with `image` (ImageSampling; `schedule` the diffusion schedule). Chameleon: images are
+    sampled as tokens with `image_tokens` (`image` and `schedule` are not used; schedule may
+    be None); see _generate_tokens. `text` samples text in both."""
+
+    def __init__(self, cfg, schedule: diffusion.Schedule | None, specials: Specials = Specials(),
+                 image: ImageSampling = ImageSampling(), text: TextSampling = TextSampling(),
+                 image_tokens: TextSampling = IMAGE_TOKENS):
+        self.model, self.specials, self.text = build_model(cfg), specials, text
+        self.image_tokens = image_tokens
+        self.tokens_only = family(cfg) == "chameleon"
+        self.tables = None
+        if not self.tokens_only:
+            self.tables = diffusion.sampler_tables(schedule, image.sampler, image.steps,
+                                                   image.eta, clip_x0=image.clip_x0,
+                                                   prediction=image.prediction)
         self._compiled = {}
 
     def __call__(self, params, prompt: Prompt, key, uncond: Prompt | None = None,
@@ -306,7 +372,8 @@ class Generator:
                              f"{prompt.lengths.shape[0]}, one per prompt row")
         static = (max_new_tokens, max_images, allow_images, uncond is not None)
         if static not in self._compiled:
-            self._compiled[static] = jax.jit(functools.partial(self._generate, *static))
+            loop = self._generate_tokens if self.tokens_only else self._generate
+            self._compiled[static] = jax.jit(functools.partial(loop, *static))
         return self._compiled[static](params, prompt, uncond, key, jnp.float32(guidance))
 
     def _generate(self, max_new, max_images, allow_images, use_cfg, params, prompt, uncond, key,
@@ -370,6 +437,91 @@ class Generator:
         limit = max_new + max_images + 1  # every iteration adds a token or an image
         state = jax.lax.while_loop(lambda s: (s.step < limit) & ~(s.done.all()), body, state)
         return state.out
+
+
+    def _generate_tokens(self, max_new, max_images, allow_images, use_cfg, params, prompt, uncond,
+                         key, guidance):
+        """The Chameleon loop (paper section 4.2: images as VQ-VAE tokens): one token per row
+        per iteration, on the same KV cache and prompt layout as Transfusion's loop.
+
+        Text mode samples with `self.text` (greedy by default, the paper's text decoding) from
+        the conditional rows' logits; image ids (>= text_vocab_size), PAD, BOS and EOI are
+        banned, BOI too unless an image, its EOI and the budgets fit. A row that samples BOI
+        (or whose prompt ends in BOI) then samples exactly P = tokens_per_image ids, one at a
+        time, from the logits restricted to the image vocabulary [text_vocab_size, vocab_size),
+        and EOI is written after them (not sampled); text mode resumes.
+
+        Image tokens with classifier-free guidance: logits l_u + s (l_c - l_u) of the
+        conditional rows [0, B) and the unconditional ones [B, 2B), as Chameleon guides its
+        image tokens (the paper's scale 5 for Chameleon, section 4.1); both halves append the
+        sampled token. (On raw logits or log-probabilities alike: they differ by a constant per
+        row, which no softmax sees.) They are sampled with `self.image_tokens`, by default at
+        temperature 1 without top-k/top-p: greedy decoding of image tokens is degenerate (the
+        argmax code repeats, flat patches and stripes), so autoregressive image models sample
+        them; temperature 0 still gives the argmax (tests).
+
+        max_new_tokens counts text tokens, BOI and EOI, as Transfusion's does; an image's P
+        ids come on top (Generation's docstring has the shapes)."""
+        model, sp, cfg = self.model, self.specials, self.model.cfg
+        p, offset = tokens_per_image(cfg), text_vocab_size(cfg)
+        b, slots = prompt.lengths.shape[0], max(max_images, 1)
+        width = max_new + slots * p
+        tile = (lambda x: jnp.concatenate([x, x])) if use_cfg else (lambda x: x)
+        prompt_len = max(prompt.chunk["tokens"].shape[1],
+                         uncond.chunk["tokens"].shape[1] if use_cfg else 0)
+        cache = init_cache(cfg, b * (2 if use_cfg else 1), prompt_len + width)
+        both = concat_prompts(prompt, uncond) if use_cfg else prompt
+        cache, logits = prefill(model, params, cache, both)
+        last = jnp.take_along_axis(prompt.chunk["tokens"], (prompt.lengths - 1)[:, None], 1)[:, 0]
+        zeros = jnp.zeros(b, jnp.int32)
+        out = Generation(jnp.full((b, width), sp.pad, jnp.int32), zeros,
+                         jnp.zeros((b, slots, p), jnp.int32), zeros)
+        state = _TokenState(cache, logits, jnp.int32(0), jnp.where(last == sp.boi, p + 1, 0),
+                            zeros, jnp.zeros(b, bool), out)
+        ids = jnp.arange(logits.shape[-1])
+        text_banned = (ids >= offset) | jnp.isin(ids, jnp.array([sp.pad, sp.bos, sp.eoi]))
+        image_banned = (ids < offset) | (ids >= cfg.vocab_size)
+        rows = jnp.arange(b)
+
+        def next_token(s: _TokenState):
+            """-> (token [B], whether it is an image id [B])."""
+            key_text, key_image = jax.random.split(jax.random.fold_in(key, s.step))
+            no_image = (s.out.num_images >= max_images) | (s.counted + 2 > max_new)
+            no_image = no_image | (not allow_images)
+            banned = jnp.broadcast_to(text_banned, s.logits[:b].shape).at[:, sp.boi].set(no_image)
+            text = sample_token(key_text, s.logits[:b], self.text, banned)
+            image_logits = guided(s.logits[:b], s.logits[b:], guidance) if use_cfg else s.logits
+            image = sample_token(key_image, image_logits, self.image_tokens, image_banned)
+            is_code = s.image_left > 1
+            token = jnp.where(s.image_left == 1, sp.eoi, jnp.where(is_code, image, text))
+            return token, is_code
+
+        def body(s: _TokenState) -> _TokenState:
+            o, active = s.out, ~s.done
+            token, is_code = next_token(s)
+            cache, logits = decode_text(model, params, s.cache, tile(token), tile(active))
+            at = jnp.minimum(o.num_tokens, width - 1)
+            tokens = o.tokens.at[rows, at].set(jnp.where(active, token, o.tokens[rows, at]))
+            code, slot = is_code & active, jnp.minimum(o.num_images, slots - 1)
+            j = jnp.clip(p + 1 - s.image_left, 0, p - 1)  # the code's place in its image
+            images = o.images.at[rows, slot, j].set(
+                jnp.where(code, token - offset, o.images[rows, slot, j]))
+            finished = active & (s.image_left == 1)  # this token is the image's EOI
+            counted = s.counted + (active & ~code)
+            started = active & (s.image_left == 0) & (token == sp.boi)
+            image_left = jnp.where(active & (s.image_left > 0), s.image_left - 1,
+                                   jnp.where(started, p + 1, s.image_left))
+            eos = active & (s.image_left == 0) & (token == sp.eos)
+            done = s.done | eos | (active & (counted >= max_new))
+            return _TokenState(
+                cache, jnp.where(tile(active)[:, None], logits, s.logits), s.step + 1,
+                image_left, counted, done,
+                Generation(tokens, o.num_tokens + active, images, o.num_images + finished))
+
+        limit = width + 1  # every iteration adds a token
+        state = jax.lax.while_loop(lambda s: (s.step < limit) & ~(s.done.all()), body, state)
+        o = state.out
+        return o._replace(images=o.images.reshape(b, slots, cfg.latent_size, cfg.latent_size))
 
 
 def concat_prompts(a: Prompt, b: Prompt) -> Prompt:
