@@ -9,6 +9,10 @@ Tasks, any together:
 Writes to --out (default WORKDIR/generations): one PNG grid per task (a row per prompt, a column
 per sample) and generations.jsonl (the text of every row, and its image files). Loads the run's
 config, tokenizer and params (the EMA params when the run kept them).
+
+Either model family (config.model.family): a Chameleon run samples its images as VQ-VAE tokens
+(--image-temperature/--image-top-k/--image-top-p; the diffusion flags are not used) and decodes
+them with its VQ-VAE; --guidance defaults to the paper's 5 for Chameleon, 3 for Transfusion.
 """
 import argparse
 import json
@@ -17,7 +21,13 @@ import os
 from transfusion_jax import diffusion
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.inference.loading import load_for_inference
+from transfusion_jax.inference import generation
 from transfusion_jax.inference.tasks import Sampling, run_tasks
+from transfusion_jax.models import family
+
+# --guidance when not given, per model.family (paper section 4.1: CFG 5 following Chameleon in
+# the controlled comparison, 3 in the Transfusion ablations).
+DEFAULT_GUIDANCE = {"transfusion": 3.0, "chameleon": 5.0}
 
 
 def parse_args(argv=None):
@@ -32,11 +42,17 @@ def parse_args(argv=None):
     ap.add_argument("--sampler", default="ddpm", choices=diffusion.SAMPLERS)
     ap.add_argument("--steps", type=int, default=250, help="denoising steps (paper: DDPM-250)")
     ap.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    ap.add_argument("--guidance", type=float, default=3.0,
-                    help="CFG scale for text to image (paper: 5 and 3); 1 or 0: off")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="CFG scale for text to image (paper: 5 and 3; default 3 for Transfusion, "
+                         "5 for Chameleon); 1 or 0: off")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
+    image = generation.IMAGE_TOKENS
+    ap.add_argument("--image-temperature", type=float, default=image.temperature,
+                    help="Chameleon's image tokens (0: greedy, degenerate)")
+    ap.add_argument("--image-top-k", type=int, default=image.top_k, help="Chameleon; 0: off")
+    ap.add_argument("--image-top-p", type=float, default=image.top_p, help="Chameleon; 1: off")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-images", type=int, default=2, help="free generation: images per row")
     ap.add_argument("--seed", type=int, default=0)
@@ -49,11 +65,18 @@ def parse_args(argv=None):
     return args
 
 
-def sampling_from_args(args) -> Sampling:
-    return Sampling(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=args.guidance,
+def sampling_from_args(args, config=None) -> Sampling:
+    """The flags as Sampling; --guidance not given: DEFAULT_GUIDANCE of the run's model.family
+    (Transfusion's without a config)."""
+    guidance = args.guidance
+    if guidance is None:
+        guidance = DEFAULT_GUIDANCE[family(config.model) if config else "transfusion"]
+    return Sampling(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=guidance,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     max_new_tokens=args.max_new_tokens, max_images=args.max_images,
-                    num_samples=args.num_samples, seed=args.seed)
+                    num_samples=args.num_samples, seed=args.seed,
+                    image_temperature=args.image_temperature, image_top_k=args.image_top_k,
+                    image_top_p=args.image_top_p)
 
 
 def main(argv=None):
@@ -61,7 +84,7 @@ def main(argv=None):
     config, variables = load_for_inference(args.workdir, args.step)
     tokenizer = get_tokenizer(config.data, args.workdir)
     out = args.out or os.path.join(args.workdir, "generations")
-    records = run_tasks(config, variables, tokenizer, sampling_from_args(args),
+    records = run_tasks(config, variables, tokenizer, sampling_from_args(args, config),
                         prompts=args.prompt, images=args.image, question=args.question,
                         free=args.free, out=out)
     with open(os.path.join(out, "generations.jsonl"), "w") as f:

@@ -1,4 +1,6 @@
-"""A training run's weights for generation and evaluation, without its trainer or optimizer."""
+"""A training run's weights for generation and evaluation, without its trainer or optimizer: a
+Transfusion or Chameleon run (config.model.family; models.build_model builds its module), or an
+autoencoder run."""
 from transfusion_jax.core import checkpoint
 
 

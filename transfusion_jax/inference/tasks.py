@@ -5,10 +5,12 @@
                         images=[uint8_or_path], out="DIR")
 
 Each record is {task, input, sample, text, images, pixels, latents}: `pixels` holds the
-generated images (uint8 [H, W, 3]) for scoring, `latents` the latents they were decoded from
-(float32 [h, w, C], the model's x0); with `out`, one PNG grid per task is written there (a row per
-input, a column per sample). Options are typed (no argparse): the `generate` entry point builds
-them from its flags, evaluators from their config.
+generated images (uint8 [H, W, 3]) for scoring, `latents` what they were decoded from: the
+model's x0 (float32 [h, w, C]) for Transfusion, the VQ-VAE's code ids (int32 [h, w]) for the
+Chameleon baseline (model.family), decoded by the VQ-VAE (Codec.decode_ids). `text` is the
+generated text; a Chameleon row's image ids are left out of it. With `out`, one PNG grid per task
+is written there (a row per input, a column per sample). Options are typed (no argparse): the
+`generate` entry point builds them from its flags, evaluators from their config.
 """
 import dataclasses
 import os
@@ -22,6 +24,8 @@ from PIL import Image
 from transfusion_jax import diffusion
 from transfusion_jax.data.documents import SkipDocument, load_image
 from transfusion_jax.inference import generation
+from transfusion_jax.models import family
+from transfusion_jax.models.chameleon import text_vocab_size
 from transfusion_jax.models.autoencoder import loader
 from transfusion_jax.models.autoencoder.codec import Codec
 
@@ -29,7 +33,10 @@ from transfusion_jax.models.autoencoder.codec import Codec
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How to sample. Image: `sampler`-`steps` (paper: DDPM-250), classifier-free guidance
-    `guidance` for text to image (paper: 5 and 3; 0 or 1: off). Text: greedy at temperature 0."""
+    `guidance` for text to image (paper: 5 and 3; 0 or 1: off). Text: greedy at temperature 0.
+    Chameleon (model.family): images are tokens, sampled with image_temperature / image_top_k /
+    image_top_p (default: plain sampling, generation.IMAGE_TOKENS) and guided with `guidance`
+    (paper: 5); sampler, steps and eta are not used."""
     sampler: str = "ddpm"
     steps: int = 250
     eta: float = 0.0          # DDIM only
@@ -41,6 +48,9 @@ class Sampling:
     max_images: int = 2       # free generation: images per row
     num_samples: int = 4      # samples per input
     seed: int = 0
+    image_temperature: float = generation.IMAGE_TOKENS.temperature  # Chameleon's image tokens
+    image_top_k: int = generation.IMAGE_TOKENS.top_k
+    image_top_p: float = generation.IMAGE_TOKENS.top_p
 
     def __post_init__(self):
         if self.sampler not in diffusion.SAMPLERS:
@@ -52,10 +62,17 @@ class Sampling:
 
 def image_codec(config, codec: Codec | None = None):
     """(pixels [-1, 1] -> latents, latents -> pixels) of the run's frozen autoencoder
-    (`codec`, else loaded from config.autoencoder), each for one image, jitted."""
-    codec = codec or loader.load_codec(config.autoencoder)
+    (`codec`, else loaded from config.autoencoder for model.family), each for one image, jitted.
+    A VQ-VAE (Chameleon): pixels -> code ids int32 [h, w] (Codec.encode_ids), code ids ->
+    pixels (Codec.decode_ids)."""
+    codec = codec or loader.load_codec(config.autoencoder, family(config.model))
     if codec.kind == "identity":
         return (lambda x: x), (lambda z: np.clip(z, -1.0, 1.0))
+    if codec.kind == "vq":
+        encode = jax.jit(lambda x: codec.encode_ids(codec.variables, x[None])[0])
+        decode = jax.jit(lambda ids: jnp.clip(codec.decode_ids(codec.variables, ids[None])[0],
+                                              -1.0, 1.0))
+        return (lambda x: np.asarray(encode(jnp.asarray(x)))), (lambda z: np.asarray(decode(z)))
     encode = jax.jit(lambda x: codec.encode(codec.variables, x[None])[0])
     decode = jax.jit(lambda z: jnp.clip(codec.decode(codec.variables, z[None])[0], -1.0, 1.0))
     return (lambda x: np.asarray(encode(jnp.asarray(x)))), (lambda z: np.asarray(decode(z)))
@@ -77,13 +94,28 @@ def save_grid(path, rows) -> None:
 
 
 def make_generator(config, specials, sampling: Sampling) -> generation.Generator:
+    """The Generator of the run's model family with `sampling`'s options."""
+    text = generation.TextSampling(sampling.temperature, sampling.top_k, sampling.top_p)
+    tokens = generation.TextSampling(sampling.image_temperature, sampling.image_top_k,
+                                     sampling.image_top_p)
+    if family(config.model) == "chameleon":  # no diffusion: images are tokens
+        return generation.Generator(config.model, None, specials, text=text, image_tokens=tokens)
     schedule = diffusion.schedule_from_config(config.diffusion)
     return generation.Generator(
         config.model, schedule, specials,
         generation.ImageSampling(sampling.sampler, sampling.steps, sampling.eta,
                                  config.diffusion.clip_x0,
                                  config.diffusion.get("prediction", "eps")),
-        generation.TextSampling(sampling.temperature, sampling.top_k, sampling.top_p))
+        text)
+
+
+def text_ids(tokens, model_cfg) -> np.ndarray:
+    """A generated row's tokens without image ids (Chameleon's, >= text_vocab_size): what the
+    tokenizer decodes. Transfusion rows are returned as they are."""
+    tokens = np.asarray(tokens)
+    if family(model_cfg) != "chameleon":
+        return tokens
+    return tokens[tokens < text_vocab_size(model_cfg)]
 
 
 def _load(image, name: str, size: int) -> np.ndarray:
@@ -148,7 +180,7 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
                 latents = [np.asarray(result.images[row, j]) for j in range(num_images)]
                 pics = [to_uint8(decode(z)) for z in latents]
                 grid[-1] += pics
-                text = tokenizer.decode(np.asarray(result.tokens[row, :num_tokens]))
+                text = tokenizer.decode(text_ids(result.tokens[row, :num_tokens], config.model))
                 records.append(dict(task=tasks[i], input=name, sample=sample, images=num_images,
                                     pixels=pics, latents=latents, text=text))
         if out and any(grid):
