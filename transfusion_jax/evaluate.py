@@ -1,12 +1,13 @@
-"""Run a training run's evaluators (config.evals) on one of its checkpoints (a Transfusion run
-or an autoencoder run).
+"""Run a training run's evaluators (config.evals) on one of its checkpoints (a Transfusion or
+Chameleon run, model.family, or an autoencoder run).
 
     python -m transfusion_jax.evaluate --workdir DIR [--step N] [--only NAME,NAME]
 
-Loads the run's config, tokenizer, frozen autoencoder and the checkpoint's params (the EMA
-params when the run kept them: what the trainer evaluates), runs every evaluator of
-config.evals (or those named by --only, whatever their `every`) and writes their scalars to
-DIR/evals/<step>.json and their files to DIR/evals/<step>/<name>/, as training does.
+Loads the run's config, tokenizer, frozen autoencoder (of the run's model.family: a Chameleon
+run's VQ-VAE) and the checkpoint's params (the EMA params when the run kept them: what the
+trainer evaluates), runs every evaluator of config.evals (or those named by --only, whatever
+their `every`) and writes their scalars to DIR/evals/<step>.json and their files to
+DIR/evals/<step>/<name>/, as training does.
 """
 import json
 
@@ -16,6 +17,7 @@ from transfusion_jax.core import checkpoint, cli
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.evaluators import common as evaluators
 from transfusion_jax.inference.loading import load_for_inference
+from transfusion_jax.models import family
 from transfusion_jax.models.autoencoder import loader
 
 
@@ -27,10 +29,11 @@ def evaluate(workdir: str, step: int | None = None, only: tuple[str, ...] = ()) 
     if not config.get("evals"):
         raise ValueError(f"{workdir}/config.json has no evals: nothing to run (add "
                          "--config.evals... to the run's config, see evaluators/common.py)")
-    transfusion_run = "autoencoder" in config  # else an autoencoder's own run
+    model_run = "autoencoder" in config  # a Transfusion or Chameleon run, else an autoencoder's
     context = evaluators.Context(
-        config, get_tokenizer(config.data, workdir) if transfusion_run else None,
-        loader.load_codec(config.autoencoder) if transfusion_run else None, workdir)
+        config, get_tokenizer(config.data, workdir) if model_run else None,
+        loader.load_codec(config.autoencoder, family(config.model)) if model_run else None,
+        workdir)
     return evaluators.run(evaluators.from_config(config.evals, context, only), variables, step,
                           workdir)
 

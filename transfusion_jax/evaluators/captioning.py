@@ -11,6 +11,10 @@ Captions and references are tokenised with `cider.tokenize` (not COCO's Java PTB
 Options: num (scenes), references (per scene), max_new_tokens, batch (rows per generation call;
 the last batch is padded, so the generator compiles once). Writes captions.json into
 evals/<step>/<name>/; returns {"cider", "images", "references", "empty"}.
+
+Either model family (config.model.family): a Chameleon run's prompt image is its VQ-VAE's code
+ids (BOI, ids, EOI as text elements; inference/generation.py), and its captions are text only
+(image ids are banned while captioning).
 """
 import json
 import os
@@ -24,7 +28,7 @@ from transfusion_jax.data.shapes import text as shapes_text, world
 from transfusion_jax.data.shapes.heldout import heldout_scenes
 from transfusion_jax.evaluators.cider import cider_d, tokenize
 from transfusion_jax.inference import generation
-from transfusion_jax.inference.tasks import Sampling, image_codec, make_generator
+from transfusion_jax.inference.tasks import Sampling, image_codec, make_generator, text_ids
 
 
 def reference_captions(seed: int, caption: str, objects, index: int, count: int) -> list[str]:
@@ -76,7 +80,9 @@ class Evaluator:
                                     max_new_tokens=self.max_new_tokens, max_images=0,
                                     allow_images=False)
             tokens, lengths = np.asarray(result.tokens), np.asarray(result.num_tokens)
-            out += [self.context.tokenizer.decode(tokens[r, :lengths[r]]) for r in range(real)]
+            model = self.context.config.model
+            out += [self.context.tokenizer.decode(text_ids(tokens[r, :lengths[r]], model))
+                    for r in range(real)]
             if n_batches > 1:
                 distributed.log(f"captioning: batch {i + 1}/{n_batches}")
         return out

@@ -14,6 +14,9 @@ every variant) and denoised in one model call, teacher-forced in the training la
 Options: num (held-out pairs), timesteps (of the gain), quality_timesteps (of x0 quality),
 seed (of the noise). Writes x0_vs_t.png (a row per scene: the clean image, then the decoded x0
 at each quality timestep) and returns the scalars above plus cond/eps_mse_{right,wrong}_t<t>.
+
+Transfusion only: it measures the diffusion head, which the Chameleon baseline has not
+(model.family "chameleon" is refused, naming the field).
 """
 import os
 
@@ -27,6 +30,7 @@ from transfusion_jax.data.shapes.heldout import heldout_scenes
 from transfusion_jax.data.shapes.world import parse_image
 from transfusion_jax.evaluators import shapes_scores
 from transfusion_jax.inference.tasks import save_grid, to_uint8
+from transfusion_jax.models import family
 from transfusion_jax.models.transfusion import Transfusion, patches_per_image
 
 
@@ -34,6 +38,10 @@ class Evaluator:
     def __init__(self, context, num: int = 32, timesteps=(300, 600, 900),
                  quality_timesteps=(50, 300, 600, 900, 990), seed: int = 0):
         config = context.config
+        if family(config.model) != "transfusion":
+            raise ValueError(f"type 'denoising' measures a diffusion head; model.family="
+                             f"{family(config.model)!r} has none: expected 'transfusion' (drop "
+                             "this evaluator from config.evals)")
         if config.data.image_source != "shapes":
             raise ValueError(f"type 'denoising' reads held-out shapes scenes; data.image_source="
                              f"{config.data.image_source!r}")

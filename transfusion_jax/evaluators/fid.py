@@ -13,6 +13,10 @@ Options: inception (the weight file; or random_weights=True: a random network, r
 caption a line) and reference (a folder of images, or an .npz with mu and sigma), which default
 to the held-out scenes of the shapes world; cache_dir (default workdir/fid_cache), log_every.
 Writes generated_stats.npz (mu, sigma, num) and samples.png into evals/<step>/<name>/.
+
+Either model family (config.model.family): a Chameleon run samples its images as VQ-VAE tokens
+(generation.Generator; `guidance` on their logits, the paper's 5; sampler and steps not used)
+and decodes the code ids with its VQ-VAE.
 """
 import glob
 import hashlib
@@ -30,6 +34,7 @@ from transfusion_jax.core import distributed
 from transfusion_jax.data.shapes.heldout import heldout_scenes
 from transfusion_jax.inference import generation
 from transfusion_jax.inference.tasks import Sampling, make_generator, save_grid, to_uint8
+from transfusion_jax.models import family
 from transfusion_jax.models import inception as inception_net
 from transfusion_jax.models.autoencoder import loader
 
@@ -220,7 +225,8 @@ class Evaluator:
         self.uncond = (generation.build_prompt([[[self.specials.boi]]] * batch, config.model,
                                                self.specials)
                        if guidance not in (0.0, 1.0) else None)
-        self.decode = _batch_decoder(context.codec or loader.load_codec(config.autoencoder))
+        self.decode = _batch_decoder(context.codec or loader.load_codec(
+            config.autoencoder, family(config.model)))
         self.cache_dir = cache_dir or os.path.join(context.workdir, "fid_cache")
 
     def generate(self, variables, captions, key) -> np.ndarray:
@@ -252,8 +258,12 @@ class Evaluator:
 
 
 def _batch_decoder(codec):
-    """Latents [B, h, w, C] -> pixels [B, H, W, 3] in [-1, 1] through the frozen codec, jitted."""
+    """Latents [B, h, w, C] (a VQ-VAE: code ids [B, h, w]) -> pixels [B, H, W, 3] in [-1, 1]
+    through the frozen codec, jitted."""
     if codec.kind == "identity":
         return lambda z: np.clip(np.asarray(z), -1.0, 1.0)
+    if codec.kind == "vq":
+        decode_ids = jax.jit(lambda v, ids: jnp.clip(codec.decode_ids(v, ids), -1.0, 1.0))
+        return lambda ids: np.asarray(decode_ids(codec.variables, ids))
     decode = jax.jit(lambda v, z: jnp.clip(codec.decode(v, z), -1.0, 1.0))
     return lambda z: np.asarray(decode(codec.variables, z))

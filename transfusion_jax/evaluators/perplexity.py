@@ -26,6 +26,10 @@ target (no document is truncated, no token is lost at a cut), so the nll covers 
 each document's EOS, as the training loss does). The model's forward is jitted once for a fixed
 [batch_size, seq_len] batch (the last batch is padded with empty rows). Writes documents.jsonl
 (per document: tokens, bytes, nll) into out_dir.
+
+Either model family (config.model.family, models.build_model): the rows are text only, so a
+Chameleon run's perplexity counts text tokens only, as Transfusion's does (its logits still
+spread over the image ids too: the text probability is what the model gives text).
 """
 from __future__ import annotations
 
@@ -43,7 +47,7 @@ from transfusion_jax.core import distributed
 from transfusion_jax.data import sources
 from transfusion_jax.data.documents import DocumentBuilder, SkipDocument, decode_text
 from transfusion_jax.data.packing import assemble_row
-from transfusion_jax.models import Transfusion
+from transfusion_jax.models import build_model
 
 MODEL_KEYS = ("tokens", "segment_ids", "positions", "mask_pos", "patch_index",
               "patch_positions", "targets", "text_weights")
@@ -56,8 +60,9 @@ SOURCES = ("shapes", "tfds", "text_files")
 def make_scorer(model_cfg):
     """jit(variables, batch, latents) -> log p(target) [B, L] float32, 0 where text_weights is 0.
     `latents` [B, M, h, w, C] are clean images (t = 0, as generation reads prompt images), or
-    None for text-only rows. The log-probability is -cross-entropy, as the training loss has it."""
-    model = Transfusion(model_cfg)
+    None for text-only rows (a Chameleon model takes only those: its images are ids inside
+    `tokens`). The log-probability is -cross-entropy, as the training loss has it."""
+    model = build_model(model_cfg)
 
     def score(variables, batch, latents):
         t = None if latents is None else jnp.zeros(latents.shape[:2], jnp.int32)

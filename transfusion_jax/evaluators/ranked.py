@@ -24,6 +24,10 @@ over packed rows (model batch contract), not the KV-cached generator: that forwa
 cache is tested against, needs no decoding loop, and lets many (context, choice) sequences share
 a row, each its own segment. Rows have the training shape [batch_size, data.seq_len], jitted
 once. Writes scores.jsonl (per example: log-likelihoods, predictions) into out_dir.
+
+Either model family (config.model.family): a Chameleon run's image context is its VQ-VAE's code
+ids inside the tokens (BOI, text_vocab_size + code ..., EOI, as its training rows hold them), and
+only the continuation's text tokens are scored, as for Transfusion.
 """
 from __future__ import annotations
 
@@ -38,7 +42,8 @@ from transfusion_jax.data.documents import load_image
 from transfusion_jax.evaluators.perplexity import MODEL_KEYS, batches, make_scorer, pack_whole
 from transfusion_jax.evaluators.shapes_choices import shapes_questions
 from transfusion_jax.inference.tasks import image_codec
-from transfusion_jax.models import patches_per_image
+from transfusion_jax.models import family, patches_per_image
+from transfusion_jax.models.chameleon import text_vocab_size
 
 
 def encode_pair(tokenizer, context: str, continuation: str):
@@ -103,7 +108,11 @@ class Evaluator:
         self.length, self.log_every = data.seq_len, log_every
         self.batch_size = batch_size or data.batch_size
         p = patches_per_image(cfg)
-        self.slots = resolve_max_images(data, p) if self.images else 1
+        # Chameleon: images are code ids in the tokens, its rows text-only for the scorer.
+        self.image_ids = family(cfg) == "chameleon"
+        self.latents_in = self.images and not self.image_ids
+        self.offset = text_vocab_size(cfg) if self.image_ids else 0
+        self.slots = resolve_max_images(data, p) if self.latents_in else 1
         shape = (cfg.latent_size, cfg.latent_size, cfg.latent_channels)
         self.layout = dict(L=data.seq_len, M=self.slots, P=p, image_size=data.image_size,
                            pad_id=tok.pad_id, boi_id=tok.boi_id,
@@ -123,7 +132,9 @@ class Evaluator:
         """(document of the pair, number of continuation tokens)."""
         ctx, cont = encode_pair(tok, context, " " + choice)
         head = [tok.bos_id]
-        if latent is not None:
+        if latent is not None and self.image_ids:  # Chameleon: the code ids, offset
+            head += [tok.boi_id, *(self.offset + np.asarray(latent).reshape(-1)), tok.eoi_id]
+        elif latent is not None:
             head += [tok.boi_id] + [tok.pad_id] * p + [tok.eoi_id]
         tokens = np.asarray(head + ctx + cont, np.int32)
         if len(tokens) > self.length:
@@ -132,8 +143,9 @@ class Evaluator:
                                  f"{choice[:40]!r} is {len(tokens)} elements; data.seq_len is "
                                  f"{self.length}")
             tokens = tokens[-self.length:]
-        images = np.zeros((0, *shape), np.float32) if latent is None else latent[None]
-        return {"tokens": tokens, "boi": np.asarray([1] if latent is not None else [], np.int32),
+        slot = latent is not None and not self.image_ids
+        images = latent[None] if slot else np.zeros((0, *shape), np.float32)
+        return {"tokens": tokens, "boi": np.asarray([1] if slot else [], np.int32),
                 "images": np.asarray(images, np.float32),
                 "max_timestep": np.full(len(images), self.layout["num_timesteps"], np.int32)
                 }, len(cont)
@@ -143,7 +155,7 @@ class Evaluator:
         lls, done = np.zeros(len(self.docs)), 0
         rows = pack_whole(enumerate(self.docs), self.length, self.slots)
         for i, (batch, keys) in enumerate(batches(rows, self.batch_size, self.layout), 1):
-            latents = batch["latents"] if self.images else None
+            latents = batch["latents"] if self.latents_in else None
             logp = np.asarray(self.score(variables, {k: batch[k] for k in MODEL_KEYS}, latents))
             done += sum(len(row) for row in keys)
             for r, row in enumerate(keys):

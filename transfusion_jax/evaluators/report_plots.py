@@ -174,19 +174,28 @@ def _smooth(values: np.ndarray) -> np.ndarray:
     return np.convolve(values, np.ones(k) / k, mode="valid") if k > 1 else values
 
 
-def training_curves(path: str, workdir: str, score_keys: dict, gain_suffix: str,
-                    current: tuple[int, dict] | None = None) -> str | None:
-    """Four panels: LM loss and diffusion loss against steps (workdir/metrics.jsonl), the
-    scores `score_keys` ({label: "<name>/<key>"}) and the conditioning gain (the first key
-    ending in `gain_suffix`) against evaluated steps (workdir/evals/<step>.json and `current`).
-    None when the workdir has neither metrics nor evaluations."""
-    metrics, evals = read_metrics(workdir), read_eval_scores(workdir, current)
+TRANSFUSION_LOSSES = (("lm_loss", "LM loss (train)"), ("diffusion_loss", "diffusion loss (train)"))
+# The Chameleon trainer's split of its one LM loss (objectives.chameleon_loss).
+CHAMELEON_LOSSES = (("lm_loss_text", "LM loss, text tokens (train)"),
+                    ("lm_loss_image", "LM loss, image tokens (train)"))
+
+
+def training_curves(path: str, workdir: str, score_keys: dict, gain_suffix: str | None,
+                    current: tuple[int, dict] | None = None,
+                    losses=TRANSFUSION_LOSSES) -> str | None:
+    """Four panels: the two `losses` ((metrics key, title) pairs: Transfusion's LM and
+    diffusion loss by default) against steps (workdir/metrics.jsonl), the scores `score_keys`
+    ({label: "<name>/<key>"}) and the conditioning gain (the first key ending in `gain_suffix`;
+    None: a model without one, the Chameleon baseline) against evaluated steps
+    (workdir/evals/<step>.json and `current`). None when the workdir has neither metrics nor
+    evaluations."""
+    metrics = read_metrics(workdir, tuple(key for key, _ in losses))
+    evals = read_eval_scores(workdir, current)
     if not metrics and not evals:
         return None
     fig = Figure(figsize=(10, 6.4))
     axes = fig.subplots(2, 2)
-    for ax, key, title in ((axes[0, 0], "lm_loss", "LM loss (train)"),
-                           (axes[0, 1], "diffusion_loss", "diffusion loss (train)")):
+    for ax, (key, title) in zip(axes[0], losses):
         ax.set_title(title, fontsize=10)
         if key not in metrics:
             ax.text(0.5, 0.5, "not in metrics.jsonl", ha="center", transform=ax.transAxes)
@@ -212,17 +221,22 @@ def training_curves(path: str, workdir: str, score_keys: dict, gain_suffix: str,
         ax.set_ylim(-0.03, 1.05)
         ax.legend(fontsize=8)
     ax = axes[1, 1]
-    ax.set_title(f"conditioning gain ({gain_suffix.rsplit('/', 1)[-1]}): "
-                 "1 - eps MSE right / wrong caption", fontsize=9)
-    steps, values = _series(evals, lambda k: k.endswith(gain_suffix))
+    if gain_suffix is None:
+        ax.set_title("conditioning gain: a diffusion model's (Transfusion only)", fontsize=9)
+        steps, values = [], []
+    else:
+        ax.set_title(f"conditioning gain ({gain_suffix.rsplit('/', 1)[-1]}): "
+                     "1 - eps MSE right / wrong caption", fontsize=9)
+        steps, values = _series(evals, lambda k: k.endswith(gain_suffix))
     if steps:
         ax.plot(steps, values, marker="o", color="#6a3d9a")
         ax.axhline(0.0, color="grey", lw=0.8)
-    for ax, shown, what in ((axes[1, 0], drawn, "these scores"),
-                            (axes[1, 1], bool(steps), "the denoising evaluator's gain")):
+    gain_note = ("no evaluation has the denoising evaluator's gain yet" if gain_suffix
+                 else "no diffusion head, no gain")
+    for ax, shown, note in ((axes[1, 0], drawn, "no evaluation has these scores yet"),
+                            (axes[1, 1], bool(steps), gain_note)):
         if not shown:
-            ax.text(0.5, 0.5, f"no evaluation has {what} yet", ha="center",
-                    transform=ax.transAxes, fontsize=8)
+            ax.text(0.5, 0.5, note, ha="center", transform=ax.transAxes, fontsize=8)
     last = max([int(v[0][-1]) for v in metrics.values()] + list(evals))
     for ax in axes.flat:
         ax.set_xlim(0, last * 1.03 + 1)

@@ -3,6 +3,9 @@
 Options: prompts (default: the first `num` held-out captions of the shapes world when the run
 trains on it), sampler / steps / guidance (a fast sampler: DPM-Solver++ 2M, 20 steps, CFG 3).
 Writes text_to_image.png (a row per prompt) into evals/<step>/<name>/.
+A Chameleon run (config.model.family) samples its images as VQ-VAE tokens (sampler and steps
+not used; guidance on their logits, its experiment sets the paper's 5) and decodes them with
+its VQ-VAE (inference/tasks.py).
 """
 from typing import Sequence
 

@@ -12,12 +12,19 @@ held-out images' (text_to_image/latent_std, text_to_image/data_latent_std: a sam
 drifts ends far from the data's std).
 Options: num (scenes per direction), sampler / steps / guidance.
 
+The Chameleon baseline (config.model.family) runs the same tasks; its images are VQ-VAE tokens,
+so the latent std (of diffused latents) is replaced by the share of the codebook the sampled
+images' code ids use against the held-out images' (text_to_image/code_usage,
+text_to_image/data_code_usage: both count the same number of tokens; a collapsed sampler, such
+as greedy image tokens, uses few codes). sampler and steps are not used there.
+
 Writes into evals/<step>/<name>/: report.md, opening with figures (report_plots.py): held-out
 captions beside the images generated from them (text_to_image.png), held-out images beside the
 captions and answers generated for them (image_to_text.png), then the score tables, then the
 training curves (training_curves.png: LM and diffusion loss from metrics.jsonl, these scores
-and the denoising evaluator's conditioning gain over the steps in evals/<step>.json); then the
-captions and answers as text, and heldout_vs_generated.png. Returns "<direction>/<score>" scalars.
+and the denoising evaluator's conditioning gain over the steps in evals/<step>.json; Chameleon:
+the LM loss on text and on image tokens, no gain); then the captions and answers as text, and
+heldout_vs_generated.png. Returns "<direction>/<score>" scalars.
 """
 import os
 
@@ -30,6 +37,7 @@ from transfusion_jax.data.shapes.text import parse_caption
 from transfusion_jax.data.shapes.world import parse_image
 from transfusion_jax.evaluators import report_plots, shapes_scores
 from transfusion_jax.inference.tasks import Sampling, run_tasks, save_grid
+from transfusion_jax.models import family
 
 # What the curves show: these scores of this evaluator, and the denoising evaluator's gain.
 CURVE_SCORES = {"text to image: objects right": "text_to_image/object",
@@ -41,6 +49,11 @@ GAIN = "cond/gain_t600"
 def _cell(text: str) -> str:
     """Text as one markdown table cell."""
     return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def code_usage(ids, codebook_size: int) -> float:
+    """The share of a codebook that code ids use (distinct ids / codebook_size)."""
+    return float(np.unique(np.asarray(ids)).size / codebook_size)
 
 
 def _step_and_name(out_dir: str) -> tuple[int | None, str]:
@@ -68,7 +81,13 @@ class Evaluator:
                                  max_new_tokens=48, num_samples=1)
         codec = context.codec
         pixels = jnp.asarray(np.stack(self.images).astype(np.float32) / 127.5 - 1.0)
-        self.data_latent_std = float(jnp.std(jax.jit(codec.encode)(codec.variables, pixels)))
+        self.tokens_only = family(context.config.model) == "chameleon"
+        if self.tokens_only:  # image statistics of code ids (module doc)
+            self.codebook = context.config.model.image_vocab_size
+            ids = jax.jit(codec.encode_ids)(codec.variables, pixels)
+            self.data_image_stat = code_usage(ids, self.codebook)
+        else:
+            self.data_image_stat = float(jnp.std(jax.jit(codec.encode)(codec.variables, pixels)))
 
     def run(self, variables, out_dir: str) -> dict:
         c, s = self.context, self.sampling
@@ -87,9 +106,7 @@ class Evaluator:
         qa_table = shapes_scores.score_answers(answers, self.questions, self.answers)
         scalars = {f"{task}/{key}": value for task, scores in table.items()
                    for key, value in scores.items()}
-        scalars["text_to_image/latent_std"] = (float(np.std(np.stack(latents))) if latents
-                                               else float("nan"))
-        scalars["text_to_image/data_latent_std"] = self.data_latent_std
+        scalars.update(self._image_stats(latents))
         scalars.update({f"answer/{k}": v for k, v in
                         shapes_scores.answer_scalars(qa_table).items()})
         save_grid(os.path.join(out_dir, "heldout_vs_generated.png"),
@@ -97,9 +114,34 @@ class Evaluator:
         self._report(out_dir, generated, captions, answers, table, qa_table, scalars)
         return scalars
 
+    def _image_stats(self, latents) -> dict:
+        """Sampled images against the held-out ones: latent std (Transfusion) or codebook use
+        (Chameleon); nan without sampled images."""
+        if self.tokens_only:
+            made = code_usage(np.stack(latents), self.codebook) if latents else float("nan")
+            return {"text_to_image/code_usage": made,
+                    "text_to_image/data_code_usage": self.data_image_stat}
+        made = float(np.std(np.stack(latents))) if latents else float("nan")
+        return {"text_to_image/latent_std": made,
+                "text_to_image/data_latent_std": self.data_image_stat}
+
+    def _image_lines(self, scalars) -> list[str]:
+        """The report's lines on the sampled images' statistics and how they were sampled."""
+        s = self.sampling
+        if self.tokens_only:
+            return [f"Sampled images' code ids use {scalars['text_to_image/code_usage']:.1%} of "
+                    f"the {self.codebook} codes, held-out images' "
+                    f"{scalars['text_to_image/data_code_usage']:.1%}.", "",
+                    f"Text to image: image tokens at temperature {s.image_temperature}, "
+                    f"guidance {s.guidance}; image to text and answers: greedy, answers scored "
+                    "up to their first \".\".", ""]
+        return [f"Sampled images' latent std {scalars['text_to_image/latent_std']:.3f}, "
+                f"held-out images' {scalars['text_to_image/data_latent_std']:.3f}.", "",
+                f"Text to image: {s.sampler}-{s.steps}, guidance {s.guidance}; image to text "
+                "and answers: greedy, answers scored up to their first \".\".", ""]
+
     def _report(self, out_dir, generated, captions, answers, table, qa_table, scalars) -> None:
         """report.md and its figures (module doc)."""
-        s = self.sampling
         image_marks = shapes_scores.item_marks([parse_image(im) for im in generated],
                                                self.truths)
         caption_marks = shapes_scores.item_marks([parse_caption(t) for t in captions],
@@ -114,8 +156,11 @@ class Evaluator:
         step, name = _step_and_name(out_dir)
         curves = report_plots.training_curves(
             os.path.join(out_dir, "training_curves.png"), self.context.workdir,
-            {label: f"{name}/{key}" for label, key in CURVE_SCORES.items()}, GAIN,
-            None if step is None else (step, {f"{name}/{k}": v for k, v in scalars.items()}))
+            {label: f"{name}/{key}" for label, key in CURVE_SCORES.items()},
+            None if self.tokens_only else GAIN,
+            None if step is None else (step, {f"{name}/{k}": v for k, v in scalars.items()}),
+            report_plots.CHAMELEON_LOSSES if self.tokens_only
+            else report_plots.TRANSFUSION_LOSSES)
         n = len(self.images)
         shown = f"{n}" if n <= 16 else f"the first 16 of {n}"
         lines = [f"# Shapes world{'' if step is None else f', step {step}'}", "",
@@ -129,10 +174,7 @@ class Evaluator:
                  "## Scores", "", shapes_scores.format_table(table), "",
                  "Question answering, one question about each held-out image:", "",
                  shapes_scores.format_answer_table(qa_table), "",
-                 f"Sampled images' latent std {scalars['text_to_image/latent_std']:.3f}, "
-                 f"held-out images' {scalars['text_to_image/data_latent_std']:.3f}.", "",
-                 f"Text to image: {s.sampler}-{s.steps}, guidance {s.guidance}; image to text "
-                 "and answers: greedy, answers scored up to their first \".\".", ""]
+                 *self._image_lines(scalars)]
         if curves:
             lines += ["## Training", "", "![training curves](training_curves.png)", ""]
         lines += ["## Generated text", "", "| held-out caption | generated caption |",
