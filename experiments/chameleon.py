@@ -30,6 +30,7 @@ _spec.loader.exec_module(transfusion)
 
 # Codebook sizes of experiments/autoencoder.py (kind=vq) by Transfusion size; and its workdir.
 CODEBOOK = {"tiny": 64, "demo": 2048, "demo_long": 2048}  # paper sizes: 16384
+DEMO_STEPS = {"demo": 540, "demo_long": 2700}  # time-matched to transfusion.py's 1200 and 6000
 VQ_AUTOENCODERS = {"tiny": (2, "workdir/tiny/vq"), "demo": (4, "workdir/demo/vq"),
                    "demo_long": (4, "workdir/demo/vq")}
 
@@ -55,6 +56,15 @@ def get_config(arg=None):
         config.data.max_images = 1
     elif arg.size in transfusion.DEMOS:  # 12x12 codes: 146 elements an image
         config.data.seq_len, config.data.max_images = 512, 3
+        # The Transfusion demo's time, not its steps: 0.85 steps/s here against its 1.88 on
+        # the 2-core CPU (rows twice as long, 16x the elements per image), README "Chameleon".
+        config.total_steps = DEMO_STEPS[arg.size]
+        config.optimizer.warmup_steps = config.total_steps // 12
+        for ev in config.evals.values():
+            if ev["type"] == "sample_grid":
+                ev["every"] = config.total_steps // 2
+            elif ev["every"]:
+                ev["every"] = config.total_steps
     else:
         config.optimizer.lr, config.optimizer.final_lr = 1e-4, 5e-6  # Chameleon's lr
     # Transfusion-only parts: no diffusion head, no latent clipping; evaluators that need them

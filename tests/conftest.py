@@ -22,13 +22,31 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_vq_workdir(tmp_path_factory):
-    """A tiny VQ-VAE workdir (two steps of experiments/autoencoder.py:tiny,kind=vq, no evals):
-    the frozen image tokenizer of the tiny Chameleon tests, trained once per session."""
+    """A tiny VQ-VAE workdir (experiments/autoencoder.py:tiny,kind=vq), the frozen image
+    tokenizer of the tiny Chameleon tests: its config.json and a step-1 checkpoint of
+    {params, vq} as the autoencoder trainer saves them, with random weights (training even two
+    steps takes 40-70 s on 2 cores). Read by the real loader; written once per session."""
+    import json
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import numpy as np
+
+    from transfusion_jax.core import checkpoint
     from transfusion_jax.core.config import load_config
-    from transfusion_jax.trainers import autoencoder as train_autoencoder
-    workdir = str(tmp_path_factory.mktemp("tiny_vq"))
+    from transfusion_jax.models.autoencoder.model import Autoencoder
     config = load_config("experiments/autoencoder.py:tiny,kind=vq")
-    config.total_steps = 2
-    config.evals = {}
-    train_autoencoder.train(config, workdir)
+    model = Autoencoder(config.model)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: (rng.normal(0, 0.3, s.shape) if jnp.issubdtype(
+        s.dtype, jnp.floating) else np.zeros(s.shape)).astype(s.dtype), shapes)
+    workdir = str(tmp_path_factory.mktemp("tiny_vq"))
+    checkpoint.write_config(workdir, config)
+    state = {"step": np.ones((), np.int32), "params": variables["params"],
+             "vq": {"vq": variables["vq"]}}
+    manager = checkpoint.make_manager(workdir, every=1, keep=1)
+    checkpoint.save(manager, 1, state, json.dumps({"step": 1}).encode(), force=True)
+    manager.wait_until_finished()
+    manager.close()
     return workdir

@@ -14,14 +14,11 @@ import json
 import os
 import shutil
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from transfusion_jax import precompute
-from transfusion_jax.core import checkpoint
 from transfusion_jax.core.config import load_config
 from transfusion_jax.data import latent_records
 from transfusion_jax.data.documents import DocumentBuilder, SkipDocument, image_slot
@@ -29,7 +26,6 @@ from transfusion_jax.data.pipeline import make_pipeline
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.models import chameleon, patches_per_image
 from transfusion_jax.models.autoencoder import loader
-from transfusion_jax.models.autoencoder.model import Autoencoder
 from transfusion_jax.trainers import transfusion as trainer
 
 TINY = "experiments/chameleon.py:tiny"
@@ -39,24 +35,9 @@ PAD = 0
 
 
 @pytest.fixture(scope="module")
-def vq_dir(tmp_path_factory):
-    """A tiny VQ-VAE workdir (experiments/autoencoder.py:tiny,kind=vq): its config.json and a
-    step-1 checkpoint of {params, vq} as the autoencoder trainer saves them, random weights."""
-    config = load_config("experiments/autoencoder.py:tiny,kind=vq")
-    model = Autoencoder(config.model)
-    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
-    rng = np.random.default_rng(0)
-    variables = jax.tree.map(lambda s: (rng.normal(0, 0.3, s.shape) if jnp.issubdtype(
-        s.dtype, jnp.floating) else np.zeros(s.shape)).astype(s.dtype), shapes)
-    workdir = str(tmp_path_factory.mktemp("vq"))
-    checkpoint.write_config(workdir, config)
-    state = {"step": np.ones((), np.int32), "params": variables["params"],
-             "vq": {"vq": variables["vq"]}}
-    manager = checkpoint.make_manager(workdir, every=1, keep=1)
-    checkpoint.save(manager, 1, state, json.dumps({"step": 1}).encode(), force=True)
-    manager.wait_until_finished()
-    manager.close()
-    return workdir
+def vq_dir(tiny_vq_workdir):
+    """The session's tiny VQ-VAE workdir (conftest.py: random weights, a real checkpoint)."""
+    return tiny_vq_workdir
 
 
 def chameleon_config(vq_dir, tok_path, **data):
