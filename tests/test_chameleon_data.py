@@ -149,28 +149,6 @@ def test_tiny_chameleon_trains_from_code_ids(vq_dir, ids_dir, tok_path, tmp_path
         assert m["data/images"] > 0
 
 
-@pytest.mark.slow
-def test_training_from_code_ids_matches_encoding_in_the_step(vq_dir, ids_dir, tok_path,
-                                                             tmp_path):
-    """Same seed, same batches: every step's losses are the same whether the step encodes the
-    pixels with the VQ-VAE or reads the precomputed ids."""
-    def run(name, **data):
-        config = chameleon_config(vq_dir, tok_path, **data)
-        config.update(total_steps=3, log_every=1, evals={})
-        config.optimizer.warmup_steps = 1
-        trainer.train(config, str(tmp_path / name))
-        with open(tmp_path / name / "metrics.jsonl") as f:
-            return [json.loads(line) for line in f]
-
-    on_the_fly = run("pixels")
-    stored = run("ids", image_source="latents", latents_dir=ids_dir)
-    assert [m["step"] for m in stored] == [m["step"] for m in on_the_fly] == [1, 2, 3]
-    for a, b in zip(on_the_fly, stored):
-        for key in ("loss", "lm_loss", "lm_loss_image", "lm_loss_text", "z_loss"):
-            np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=key)
-        assert b["image_tokens"] == a["image_tokens"] > 0
-
-
 # ---------------------------------------------------------------- the wrong kind
 
 def test_the_wrong_kind_fails_at_start_naming_the_folder(vq_dir, ids_dir, tok_path, tmp_path):
