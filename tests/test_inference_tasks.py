@@ -97,6 +97,12 @@ def test_missing_or_corrupt_images_and_overlong_prompts_are_named(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="image '.*bad.png': corrupt image"):
         run_tasks(config, params, FakeTokenizer(), sampling, images=[str(bad)])
-    with pytest.raises(ValueError, match=r"prompt 0 .* is 202 tokens long; the model's context "
+    with pytest.raises(ValueError, match=r"prompt 0 .* is 219 elements long with the image it "
+                                         r"asks for \(16 elements and EOI\); the model's context "
                                          r"\(data.seq_len\) is 128"):
         run_tasks(config, params, FakeTokenizer(), sampling, prompts=["x" * 200])
+    # 115 tokens fit the context as text; with its image's 16 patches and EOI they do not.
+    with pytest.raises(ValueError, match=r"is 134 elements long with the image"):
+        run_tasks(config, params, FakeTokenizer(), sampling, prompts=["x" * 115])
+    with pytest.raises(ValueError, match=r"prompt 0 .* is 202 elements long; the model's context"):
+        run_tasks(config, params, FakeTokenizer(), sampling, free=["x" * 200])

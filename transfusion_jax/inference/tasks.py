@@ -24,7 +24,7 @@ from PIL import Image
 from transfusion_jax import diffusion
 from transfusion_jax.data.documents import SkipDocument, load_image
 from transfusion_jax.inference import generation
-from transfusion_jax.models import family
+from transfusion_jax.models import family, patches_per_image
 from transfusion_jax.models.chameleon import text_vocab_size
 from transfusion_jax.models.autoencoder import loader
 from transfusion_jax.models.autoencoder.codec import Codec
@@ -127,15 +127,18 @@ def _load(image, name: str, size: int) -> np.ndarray:
                          "PNG/JPEG file or a uint8 [H, W, 3] array") from None
 
 
-def _check_lengths(config, tokenizer, texts: Sequence[str]) -> None:
+def _check_lengths(config, tokenizer, texts: Sequence[str], image: bool = False) -> None:
     """A prompt must fit the context the model was trained on (data.seq_len: the positions and
-    sequence lengths it saw); a longer one is refused, not silently run."""
+    sequence lengths it saw); a longer one is refused, not silently run. `image`: the prompt asks
+    for an image, whose elements (patches, or a Chameleon image's tokens) and EOI must fit too."""
     context = config.data.seq_len
+    room = patches_per_image(config.model) + 1 if image else 0
     for i, text in enumerate(texts):
-        length = len(tokenizer.encode(text)) + 2  # BOS, and BOI or the first new token
+        length = len(tokenizer.encode(text)) + 2 + room  # BOS, and BOI or the first new token
         if length > context:
-            raise ValueError(f"prompt {i} ({text[:40]!r}...) is {length} tokens long; the model's "
-                             f"context (data.seq_len) is {context}")
+            what = f" with the image it asks for ({room - 1} elements and EOI)" if image else ""
+            raise ValueError(f"prompt {i} ({text[:40]!r}...) is {length} elements long{what}; "
+                             f"the model's context (data.seq_len) is {context}")
 
 
 def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequence[str] = (),
@@ -154,7 +157,8 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
     if len(questions) != len(images):
         raise ValueError(f"{len(questions)} questions for {len(images)} images: expected one "
                          "question, or one per image")
-    _check_lengths(config, tokenizer, list(prompts) + list(free))
+    _check_lengths(config, tokenizer, list(prompts), image=True)
+    _check_lengths(config, tokenizer, list(free))
     specials = generation.Specials.from_tokenizer(tokenizer)
     encode, decode = image_codec(config, codec)
     generator = make_generator(config, specials, sampling)
