@@ -87,6 +87,14 @@ PREDICTIONS = ("eps", "v", "x0")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
+def prediction_of(diffusion_cfg) -> str:
+    """config.diffusion.prediction (runs saved before the field predicted eps)."""
+    value = diffusion_cfg.get("prediction", "eps")
+    if value not in PREDICTIONS:
+        raise ValueError(f"diffusion.prediction={value!r}; expected one of {PREDICTIONS}")
+    return value
+
+
 def prediction_target(schedule: Schedule, x0, t, noise, prediction: str):
     """What the head should output for x_t = q_sample(x0, t, noise)."""
     if prediction == "eps":

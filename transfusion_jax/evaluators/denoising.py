@@ -62,7 +62,7 @@ class Evaluator:
         self.right = self._rows(captions)
         self.wrong = self._rows(wrong)
         self.schedule = diffusion.schedule_from_config(config.diffusion)
-        self.prediction = config.diffusion.get("prediction", "eps")
+        self.prediction = diffusion.prediction_of(config.diffusion)
         model, codec = Transfusion(config.model), context.codec
 
         def denoise(variables, rows, x0, t, noise):

@@ -105,7 +105,7 @@ def make_generator(config, specials, sampling: Sampling) -> generation.Generator
         config.model, schedule, specials,
         generation.ImageSampling(sampling.sampler, sampling.steps, sampling.eta,
                                  config.diffusion.clip_x0,
-                                 config.diffusion.get("prediction", "eps")),
+                                 diffusion.prediction_of(config.diffusion)),
         text)
 
 
