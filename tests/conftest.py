@@ -4,8 +4,19 @@
 accelerator instead, for the tests that need one (they are skipped on CPU); the rest of the
 suite assumes the 8 CPU devices and is not meant to run that way."""
 import os
+import shutil
+import tempfile
+import uuid
 
 ON_ACCELERATOR = os.environ.get("TRANSFUSION_TEST_BACKEND", "cpu") != "cpu"
+# XLA's persistent compilation cache, fresh for each test run (shared by its xdist workers and
+# the subprocesses they start): tests compile the same tiny programs many times over (a resumed
+# run, the CLI runs), and a cache hit is the same executable, so results do not change.
+# (The xdist controller loads this file first; its workers inherit its environment.)
+_RUN = os.environ.setdefault("TRANSFUSION_TEST_RUN", uuid.uuid4().hex)
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "transfusion_jax_test_xla_cache", _RUN)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 if not ON_ACCELERATOR:
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (
@@ -50,3 +61,8 @@ def tiny_vq_workdir(tmp_path_factory):
     manager.wait_until_finished()
     manager.close()
     return workdir
+
+
+def pytest_sessionfinish(session):
+    if not hasattr(session.config, "workerinput"):  # the controller, after every worker ended
+        shutil.rmtree(XLA_CACHE, ignore_errors=True)

@@ -126,7 +126,10 @@ def test_config_is_the_matched_transfusion_config_but_for_the_baseline_fields():
     for size in ("tiny", "demo", "0.16b", "7b"):
         c = load_config(f"experiments/chameleon.py:{size}")
         t = load_config(f"experiments/transfusion.py:{size}")
-        assert c.seed == t.seed and c.total_steps == t.total_steps
+        assert c.seed == t.seed
+        # The demo is matched in time on the 2-core CPU (experiments/chameleon.py: DEMO_STEPS),
+        # the other sizes in steps.
+        assert c.total_steps == (540 if size == "demo" else t.total_steps)
         for key in ("seed", "text_source", "image_source", "caption_first_prob", "p_uncond",
                     "text_to_patch_ratio", "image_size", "batch_size", "tokenizer_vocab_size"):
             assert c.data[key] == t.data[key], (size, key)
