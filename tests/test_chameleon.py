@@ -74,6 +74,7 @@ def test_token_batch_follows_the_contract_element_by_element(pipeline_batch):
     assert out["tokens"].max() < cfg.model.vocab_size
 
 
+@pytest.mark.slow
 def test_norm_reorder_normalises_each_branch_output():
     """With norm_reorder the attention branch adds norm(attn(x)): with the MLP branch's norm
     scale 0 and the attention norm scale s, every element moves by a vector of RMS s exactly.

@@ -136,6 +136,7 @@ def test_batches_from_ids_equal_the_step_encoding_pixels(vq_dir, ids_dir, tok_pa
     stored.close()
 
 
+@pytest.mark.slow
 def test_tiny_chameleon_trains_from_code_ids(vq_dir, ids_dir, tok_path, tmp_path):
     config = chameleon_config(vq_dir, tok_path, image_source="latents", latents_dir=ids_dir)
     config.update(total_steps=2, log_every=1, checkpoint_every=2, evals={})

@@ -121,6 +121,7 @@ def test_build_prompt_writes_code_images_as_offset_ids_between_boi_and_eoi(confi
         gen.build_prompt([[np.zeros((8, 8, 3))]], cfg)
 
 
+@pytest.mark.slow
 def test_images_are_p_code_ids_between_boi_and_eoi_and_text_never_image_ids(config):
     """The LM head favours image ids everywhere (image_scale): text mode still writes text, each
     text token the argmax over the allowed ids of a full forward (no cache) of the sequence
@@ -197,6 +198,7 @@ def test_guided_image_tokens_equal_full_forwards_of_both_sequences(config):
     assert changed > 0
 
 
+@pytest.mark.slow
 def test_run_tasks_decodes_the_generated_code_ids_through_the_vq_vae(config, codec, tmp_path):
     """Text to image (guidance 5) and image to text on a tiny Chameleon: each generated image's
     pixels are Codec.decode_ids of its code ids (the records' `latents`); captions hold no image
@@ -225,6 +227,7 @@ def test_run_tasks_decodes_the_generated_code_ids_through_the_vq_vae(config, cod
     assert grid.shape == (size + 2, 2 * (size + 2), 3)
 
 
+@pytest.mark.slow
 def test_ranked_scores_the_image_as_code_ids_in_the_tokens(config, codec, monkeypatch):
     """A shapes question on a tiny Chameleon: the context's image is BOI, its VQ code ids
     (offset), EOI in the tokens, and each choice's log-likelihood is that of a plain forward.

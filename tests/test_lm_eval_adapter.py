@@ -197,6 +197,7 @@ def test_rolling_equals_perplexity_and_windows(setup, tmp_path):
     np.testing.assert_allclose(ll_long, want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_generate_until_is_greedy_decoding_cut_at_stops(setup):
     _, _, tok, lm, logp_of = setup
     banned = [tok.pad_id, tok.bos_id, tok.boi_id, tok.eoi_id]  # the generator never samples these
