@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from transfusion_jax.models.layers import Dense, constrain, logical
-from transfusion_jax.models.transfusion import PADDED_LOGIT, padded_vocab_size
+from transfusion_jax.models.transfusion import padded_vocab_size, vocab_logits
 from transfusion_jax.models.transformer import Transformer
 
 
@@ -97,11 +97,7 @@ class Chameleon(nn.Module):
 
     def logits_of(self, h):
         """[..., L, D] -> float32 logits [..., L, V] (padded columns PADDED_LOGIT)."""
-        logits = self.lm_head(h).astype(jnp.float32)
-        vocab, padded = self.cfg.vocab_size, logits.shape[-1]
-        if padded > vocab:
-            logits = jnp.where(jnp.arange(padded) < vocab, logits, PADDED_LOGIT)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return vocab_logits(self.lm_head(h), self.cfg)
 
     def extend(self, chunk, noised_images, timesteps, cache, logits: bool = True):
         """Decoding against a KVCache, as Transfusion.extend (text chunks only)."""

@@ -50,6 +50,16 @@ def padded_vocab_size(cfg) -> int:
     return -(-cfg.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def vocab_logits(head_out, cfg):
+    """The LM head's output [..., L, V] -> float32 logits with the padded columns (from
+    model.vocab_size on) at PADDED_LOGIT, constrained to the vocab sharding. Both families'."""
+    logits = head_out.astype(jnp.float32)
+    vocab, padded = cfg.vocab_size, logits.shape[-1]
+    if padded > vocab:
+        logits = jnp.where(jnp.arange(padded) < vocab, logits, PADDED_LOGIT)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
 def image_attention(cfg) -> str:
     """model.image_attention (configs written before the field: "bidirectional")."""
     value = cfg.get("image_attention", "bidirectional")
@@ -113,11 +123,7 @@ class Transfusion(nn.Module):
     def logits_of(self, h):
         """The LM head: hidden states [..., L, D] -> float32 logits [..., L, V] (V =
         padded_vocab_size; the columns from model.vocab_size on are PADDED_LOGIT)."""
-        logits = self.lm_head(h).astype(jnp.float32)
-        vocab, padded = self.cfg.vocab_size, logits.shape[-1]
-        if padded > vocab:
-            logits = jnp.where(jnp.arange(padded) < vocab, logits, PADDED_LOGIT)
-        return constrain(logits, ("batch", "length", "vocab"))
+        return vocab_logits(self.lm_head(h), self.cfg)
 
     def extend(self, chunk, noised_images, timesteps, cache, logits: bool = True):
         """Decoding: run a chunk of elements against a KVCache (kv_cache.py) -> (outputs, cache
