@@ -451,7 +451,8 @@ def train(config, workdir: str, data_streams: int | None = None,
     t_prev = time.perf_counter()
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            for step in range(start + 1, min(stop_at, config.total_steps) + 1):
+            last_step = min(stop_at, config.total_steps)
+            for step in range(start + 1, last_step + 1):
                 state, metrics = compiled(state, batch, ae_variables)
                 data_metrics = pipeline.metrics()  # counters after this step's batch
                 preempted = preemption.reached(step)
@@ -469,7 +470,10 @@ def train(config, workdir: str, data_streams: int | None = None,
                     t_prev = time.perf_counter()  # evaluating is not the next step's time
                 if preempted:
                     break
-                if step < config.total_steps:
+                # The run's last step (total_steps, or stop_at_step) reads no batch ahead: the
+                # checkpoint saved after the loop must hold the data state of this step's batch,
+                # or a resumed run would skip one.
+                if step < last_step:
                     batch = next_batch()
             if pending is not None:
                 last = report(*pending)
