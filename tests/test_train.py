@@ -256,6 +256,7 @@ def test_every_cli_module_imports_into_one_process():
     import importlib
 
     from absl import flags
+    importlib.import_module("absl.app")  # absl.app defines its own flags on import
     before = set(flags.FLAGS)
     for name in ("train", "train_autoencoder", "generate", "evaluate", "precompute"):
         module = importlib.import_module(f"transfusion_jax.{name}")
