@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transfusion_jax.core.validation import choice
+
 
 class Schedule(NamedTuple):
     betas: jax.Array           # [T] float32
@@ -89,10 +91,7 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 
 def prediction_of(diffusion_cfg) -> str:
     """config.diffusion.prediction (runs saved before the field predicted eps)."""
-    value = diffusion_cfg.get("prediction", "eps")
-    if value not in PREDICTIONS:
-        raise ValueError(f"diffusion.prediction={value!r}; expected one of {PREDICTIONS}")
-    return value
+    return choice(diffusion_cfg, "diffusion", "prediction", "eps", PREDICTIONS)
 
 
 def prediction_target(schedule: Schedule, x0, t, noise, prediction: str):

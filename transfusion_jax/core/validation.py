@@ -53,6 +53,15 @@ def lookup(config, field: str):
     return value
 
 
+def choice(cfg, section: str, key: str, default, choices):
+    """cfg[key], one of `choices` (configs written before the field: `default`); a ValueError
+    naming `section.key` and the choices otherwise. For fields read where they are used."""
+    value = cfg.get(key, default)
+    if value not in choices:
+        raise ValueError(f"{section}.{key}={value!r}; expected one of {tuple(choices)}")
+    return value
+
+
 def check_fields(config, rules: Sequence[tuple[str, Rule]]) -> None:
     """Raises ValueError for the first field whose value its rule refuses (or that is missing)."""
     for field, (accepts, expected) in rules:

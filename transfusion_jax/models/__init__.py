@@ -2,6 +2,7 @@
 
 `build_model(config.model)` gives the model of the run's `model.family` ("transfusion", the
 default, or "chameleon"); both take the same apply signatures (models/chameleon.py)."""
+from transfusion_jax.core.validation import choice
 from transfusion_jax.models.chameleon import Chameleon
 from transfusion_jax.models.transfusion import Transfusion, example_inputs, patches_per_image
 
@@ -10,10 +11,7 @@ FAMILIES = ("transfusion", "chameleon")
 
 def family(cfg) -> str:
     """config.model.family (configs written before the field: "transfusion")."""
-    value = cfg.get("family", "transfusion")
-    if value not in FAMILIES:
-        raise ValueError(f"model.family={value!r}; expected one of {FAMILIES}")
-    return value
+    return choice(cfg, "model", "family", "transfusion", FAMILIES)
 
 
 def build_model(cfg):

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transfusion_jax.core.validation import choice
 from transfusion_jax.models.layers import Dense, constrain, logical
 from transfusion_jax.models.patching import patch_layers
 from transfusion_jax.models.transformer import Transformer
@@ -62,10 +63,7 @@ def vocab_logits(head_out, cfg):
 
 def image_attention(cfg) -> str:
     """model.image_attention (configs written before the field: "bidirectional")."""
-    value = cfg.get("image_attention", "bidirectional")
-    if value not in IMAGE_ATTENTION:
-        raise ValueError(f"model.image_attention={value!r}; expected one of {IMAGE_ATTENTION}")
-    return value
+    return choice(cfg, "model", "image_attention", "bidirectional", IMAGE_ATTENTION)
 
 
 def attention_mask_pos(cfg, batch):
