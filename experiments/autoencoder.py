@@ -94,6 +94,9 @@ def get_config(arg=None):
     config.evals = dict(heldout=dict(type="reconstruction",
                                      every=SCHEDULES[arg.size]["eval_every"]))
     config.time_limit_s = 0  # > 0: stop (evaluate, checkpoint) after this much wall time
+    # After SIGTERM/SIGINT: checkpoint, then exit within this many seconds whatever hangs
+    # (core/preemption.py); your cluster's grace period before its SIGKILL. 0: no limit.
+    config.preemption_grace_s = 30.0
     config.mesh = dict(data=-1, fsdp=1, tensor=1)
     config.sharding_rules = [list(rule) for rule in DEFAULT_RULES]
     return config

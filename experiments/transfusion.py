@@ -132,6 +132,9 @@ def get_config(arg=None):
                             b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
     config.total_steps = {"tiny": 100, "demo": 1200, "demo_long": 6000}.get(arg.size, 250_000)
     config.stop_at_step = 0  # >0: checkpoint and stop after this step, as on preemption
+    # After SIGTERM/SIGINT: checkpoint, then exit within this many seconds whatever hangs
+    # (core/preemption.py); your cluster's grace period before its SIGKILL. 0: no limit.
+    config.preemption_grace_s = 30.0
     config.grad_accum = 1  # microbatches per step
     config.ema_decay = 0.0  # 0: no EMA of params
     config.mesh = dict(MESH_PRESETS[arg.mesh])

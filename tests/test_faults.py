@@ -7,6 +7,7 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from transfusion_jax.core import checkpoint
@@ -133,3 +134,56 @@ def test_a_workdir_that_cannot_take_checkpoints_stops_the_run_at_start(tmp_path)
                                          "writable folder"):
         trainer.train(tiny(), str(tmp_path))
     assert not (tmp_path / "config.json").exists()
+
+
+# ---------------------------------------------------------------- the autoencoder trainer
+
+def tiny_autoencoder(**fields):
+    config = load_config("experiments/autoencoder.py:tiny,kind=vae")
+    config.evals.heldout.every = 4
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+@pytest.mark.slow
+def test_a_non_finite_autoencoder_update_is_not_applied_and_stops_the_run(tmp_path,
+                                                                         monkeypatch):
+    """An optimizer whose update is NaN (loss and gradient finite): the step keeps the old
+    state, the loop stops at its next log naming the last checkpoint, which holds no NaN."""
+    build = ae_trainer.build
+
+    def poisoned(config):
+        model, disc, tx, disc_tx = build(config)
+        return model, disc, optax.chain(tx, optax.scale(float("nan"))), disc_tx
+
+    monkeypatch.setattr(ae_trainer, "build", poisoned)
+    workdir = str(tmp_path / "run")
+    with pytest.warns(UserWarning, match="LPIPS"), pytest.raises(
+            FloatingPointError, match=r"not finite in 2 of the steps up to 2 .* Last good "
+                                      r"checkpoint: 1 in"):
+        ae_trainer.train(tiny_autoencoder(log_every=2, checkpoint_every=1), workdir)
+    assert lines(workdir)[-1]["finite"] == 0
+    saved = checkpoint.restore_subtrees(workdir, ("params", "opt_state"), step=1)
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+
+
+@pytest.mark.slow
+def test_a_damaged_autoencoder_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path):
+    straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+    with pytest.warns(UserWarning, match="LPIPS"):
+        ae_trainer.train(tiny_autoencoder(), straight)
+    shutil.copytree(straight, damaged)
+    os.remove(os.path.join(damaged, "latent_stats.json"))
+    with open(os.path.join(damaged, "checkpoints", "4", "state", "_METADATA"), "w") as f:
+        f.write("{torn")
+    with pytest.warns(UserWarning, match="LPIPS"):
+        ae_trainer.train(tiny_autoencoder(), damaged)
+    assert sorted(os.listdir(os.path.join(damaged, "checkpoints_damaged"))) == ["4"]
+    for name in ("params", "vq"):
+        jax.tree.map(np.testing.assert_array_equal,
+                     checkpoint.restore_subtrees(damaged, (name,)),
+                     checkpoint.restore_subtrees(straight, (name,)))
+    without_time = lambda w: [{k: v for k, v in r.items() if k != "wall_s"}  # noqa: E731
+                              for r in lines(w)]
+    assert without_time(damaged) == without_time(straight)

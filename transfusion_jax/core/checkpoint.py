@@ -99,22 +99,117 @@ def check_writable(workdir: str) -> None:
                          f"{e.strerror or e}); expected a writable folder") from None
 
 
+class _OrbaxFailureCopies(logging.Filter):
+    """Orbax reports one failed background write many times over (per array, per thread, per
+    asyncio task, each with its traceback: hundreds of lines for a full disk); the trainer
+    reports it once (StorageError). Orbax's error records keep their first line; asyncio's
+    "exception was never retrieved" copies of Orbax's errors are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":
+            return "orbax" not in record.getMessage()
+        if f"{os.sep}orbax{os.sep}" in record.pathname:
+            record.msg, record.args = record.getMessage().splitlines()[0][:300], ()
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _event_loop_closed(exc_type, value, tb) -> bool:
+    """Tensorstore's callbacks into Orbax's finished event loops, after a failed write."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return exc_type is RuntimeError and "Event loop is closed" in str(value)
+        tb = tb.tb_next
+    return False
+
+
+def _quiet_orbax_failures() -> None:
+    """Installed once, with the first checkpoint manager: see _OrbaxFailureCopies; tensorstore's
+    calls into Orbax's closed event loops (one per pending write) are not printed."""
+    if getattr(sys.unraisablehook, "_transfusion_jax", False):
+        return
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_OrbaxFailureCopies())
+    previous = sys.unraisablehook
+
+    def unraisablehook(args):
+        if not _event_loop_closed(args.exc_type, args.exc_value, args.exc_traceback):
+            previous(args)
+
+    unraisablehook._transfusion_jax = True
+    sys.unraisablehook = unraisablehook
+
+
 def make_manager(workdir: str, every: int, keep: int) -> ocp.CheckpointManager:
+    _quiet_orbax_failures()
     options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep,
                                            enable_async_checkpointing=True)
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                  options=options, item_names=ITEMS)
 
 
+class StorageError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions, a bucket refusing):
+    the run stops at once, naming the folder; the newest complete checkpoint stays good."""
+
+
+def _storage_reason(error: BaseException) -> str:
+    """The operating system's words for a failed write (tensorstore puts them at the end of a
+    long message), with the file; else the error's first line."""
+    text = str(error)
+    code = re.search(r"os_error_code='(\d+)'", text)
+    if not code:
+        return _reason(error)
+    where = re.search(r'Failed (?:writing|to write)[^"]*"([^"]+)"', text)
+    return (f"{os.strerror(int(code[1]))} [errno {code[1]}]" +
+            (f" writing {where[1]}" if where else ""))
+
+
+def _storage_error(manager, error: BaseException, doing: str) -> StorageError:
+    latest = manager.latest_step()  # finalised steps only: a failed save leaves a tmp folder
+    kept = (f"the newest complete checkpoint is step {latest}" if latest is not None else
+            "no checkpoint was completed")
+    return StorageError(
+        f"{manager.directory}: {doing} failed ({_storage_reason(error)}). Disk full, a quota, or "
+        f"permissions? {kept}; free space or fix the folder, then run the same command to "
+        "resume from it")
+
+
 def save(manager, step: int, state, data_states: dict[int, bytes] | bytes, force: bool = False,
          num_streams: int = 1) -> bool:
     """Async save (returns at once), called by every process with the data states it owns
     (HostData.get_state; bytes: the one stream of a single-stream run, saved by process 0);
-    `force` saves off the interval (preemption, last step)."""
+    `force` saves off the interval (preemption, last step). A failure of the previous save
+    (written in the background) surfaces here as StorageError."""
     if isinstance(data_states, bytes):
         data_states = {0: data_states} if jax.process_index() == 0 else {}
-    return manager.save(step, force=force, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=DataStreamsSave(data_states, num_streams)))
+    previous, manager.transfusion_saving = getattr(manager, "transfusion_saving", None), step
+    try:
+        return manager.save(step, force=force, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=DataStreamsSave(data_states, num_streams)))
+    except Exception as e:  # noqa: BLE001 (Orbax raises the writer's own error types)
+        failed = previous if previous is not None and previous != manager.latest_step() else step
+        raise _storage_error(manager, e, f"writing checkpoint {failed}") from None
+
+
+def finish(manager, failing: bool = False) -> None:
+    """Waits for the last asynchronous save and closes the manager: StorageError when that save
+    failed; with `failing` (the run is already stopping on another error) only reports it."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        error = _storage_error(manager, e, "writing checkpoint "
+                               f"{getattr(manager, 'transfusion_saving', '')}")
+        if not failing:
+            raise error from None
+        print(f"warning: {error}", file=sys.stderr, flush=True)
+    finally:
+        try:
+            manager.close()
+        except Exception:  # noqa: BLE001 (its error, if any, was reported just above)
+            pass
 
 
 def restore(manager, step: int, abstract_state, streams: list[int] | None = None):

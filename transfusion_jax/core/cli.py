@@ -14,6 +14,8 @@ from typing import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from transfusion_jax.core.checkpoint import StorageError
+
 
 def _parse(argv):
     try:
@@ -31,13 +33,13 @@ def quiet_logs() -> None:
 
 def run_flags(main: Callable[[], None]) -> None:
     """app.run for a program that defines its own flags; quiet logs, `error: ...` on a
-    ValueError, FileNotFoundError or FloatingPointError."""
+    ValueError, FileNotFoundError, FloatingPointError or a checkpoint StorageError."""
     def _main(argv):
         del argv
         quiet_logs()
         try:
             main()
-        except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        except (ValueError, FileNotFoundError, FloatingPointError, StorageError) as e:
             sys.exit(f"error: {e}")
 
     app.run(_main, flags_parser=_parse)

@@ -38,7 +38,7 @@ from transfusion_jax.models.autoencoder.model import Autoencoder, check_config a
 
 # Fields a resume may change freely: they change neither the model nor the batches.
 RESUME_FREE = ("log_every", "checkpoint_every", "evals", "time_limit_s", "mesh",
-               "sharding_rules")
+               "sharding_rules", "preemption_grace_s")
 
 # The evaluator (config.evals) whose held-out latent mean and std become latent_stats.json.
 STATS_EVAL = "heldout"
@@ -62,6 +62,7 @@ RULES = (
     ("log_every", positive_int),
     ("checkpoint_every", positive_int),
     ("time_limit_s", non_negative_number),
+    ("preemption_grace_s", non_negative_number),
     ("data.image_size", positive_int),
     ("data.batch_size", positive_int),
     ("data.heldout_images", positive_int),
@@ -116,14 +117,16 @@ def make_init_fn(config, model, disc, tx, disc_tx):
     return init_fn
 
 
-def init_or_restore(config, parts, mesh, manager):
-    """(state, step): the latest checkpoint's when the workdir has one, else a fresh state."""
+def init_or_restore(config, parts, mesh, manager, workdir):
+    """(state, step): the newest checkpoint that restores when the workdir has one (damaged
+    newer ones are set aside, core/checkpoint.py), else a fresh state."""
     init_fn = make_init_fn(config, *parts)
-    start = manager.latest_step()
-    if start is None:
+    start = checkpoint.newest_readable_step(manager)
+    if not start:
         return train_state.create_state(init_fn, mesh, config.sharding_rules, config.seed), 0
     abstract = train_state.abstract_state(init_fn, mesh, config.sharding_rules)
-    state, _ = checkpoint.restore(manager, start, abstract)
+    start, state, _ = checkpoint.restore_newest_good(manager, start, abstract, [0], 1)
+    checkpoint.write_config(workdir, config)  # only now: a failed resume leaves it as it was
     print(f"resumed from {manager.directory}/{start}", file=sys.stderr, flush=True)
     return state, start
 
@@ -149,14 +152,21 @@ def make_train_step(config, model, disc, tx, disc_tx, gan: bool):
 
         grads, (metrics, new_vq, recon) = jax.grad(gen_loss, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        state = state.replace(params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state, vq=dict(new_vq) if new_vq else state.vq)
+        new = state.replace(params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state, vq=dict(new_vq) if new_vq else state.vq)
         if gan:
-            state, d_metrics = _disc_update(loss_cfg, disc, disc_tx, state, x, recon)
+            new, d_metrics = _disc_update(loss_cfg, disc, disc_tx, new, x, recon)
             metrics.update(d_metrics)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["psnr"] = jnp.mean(ae_losses.psnr(x, recon))
-        return state.replace(step=state.step + 1), metrics
+        # A non-finite loss, gradient or update changes nothing (the loop then stops): no
+        # checkpoint holds a non-finite value. lax.cond, not a where per leaf: the wheres made
+        # this step's XLA CPU compile 5x slower.
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                  & train_state.all_finite(new))
+        new = jax.lax.cond(finite, lambda: new, lambda: state)
+        metrics["finite"] = finite.astype(jnp.float32)
+        return new.replace(step=state.step + 1), metrics
 
     return step_fn
 
@@ -180,21 +190,26 @@ def train(config, workdir: str, allow_config_changes: tuple[str, ...] = ()) -> d
     check_config(config, jax.device_count())
     checkpoint.check_resume(workdir, config, RESUME_FREE, allow_config_changes)
     lpips_params = lpips.from_config(config.loss)
+    resuming = checkpoint.has_checkpoints(workdir)
     os.makedirs(workdir, exist_ok=True)
     checkpoint.check_writable(workdir)
-    checkpoint.write_config(workdir, config)
+    if not resuming:  # a resume rewrites config.json once its checkpoint restored
+        checkpoint.write_config(workdir, config)
     model, disc, tx, disc_tx = parts = build(config)
     mesh = sharding.make_mesh(config.mesh)
     manager = checkpoint.make_manager(workdir, every=config.checkpoint_every, keep=2)
+    failing = True
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(
                 sharding.rules_from_config(config.sharding_rules)):
-            state, start = init_or_restore(config, parts, mesh, manager)
+            state, start = init_or_restore(config, parts, mesh, manager, workdir)
             steps = {gan: jax.jit(make_train_step(config, *parts, gan=gan), donate_argnums=0)
                      for gan in (False, True)}
-            return _loop(config, workdir, steps, state, start, mesh, lpips_params, manager)
+            results = _loop(config, workdir, steps, state, start, mesh, lpips_params, manager)
+        failing = False
+        return results
     finally:
-        manager.wait_until_finished(), manager.close()
+        checkpoint.finish(manager, failing)  # StorageError when the last save failed
 
 
 def _loop(config, workdir, steps, state, step, mesh, lpips_params, manager):
@@ -204,7 +219,8 @@ def _loop(config, workdir, steps, state, step, mesh, lpips_params, manager):
     d, start = config.data, time.time()
     evals = evaluators.from_config(config.evals, evaluators.Context(config, None, None, workdir))
     writer = MetricsWriter(workdir, config.total_steps, resume_step=step)
-    preemption, limit, results = Preemption(), config.get("time_limit_s", 0), {}
+    preemption = Preemption(config.get("preemption_grace_s", 0))
+    limit, results = config.get("time_limit_s", 0), {}
     save = lambda: checkpoint.save(manager, step, state, json.dumps({"step": step}).encode(),  # noqa: E731
                                    force=True)
 
@@ -213,17 +229,32 @@ def _loop(config, workdir, steps, state, step, mesh, lpips_params, manager):
         writer.add_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
         return {"step": step, **scores}
 
-    while step < config.total_steps and not (limit and time.time() - start > limit):
+    def out_of_time():
+        return bool(limit) and time.time() - start > limit
+
+    skipped = 0.0  # non-finite steps since the last log (on the device: no sync per step)
+    while step < config.total_steps and not out_of_time():
         x, _ = world.scene_batch(config.seed, "train", step * d.batch_size, d.batch_size,
                                  d.image_size)
         x = jax.device_put(x, sharding.batch_sharding(mesh))
         state, metrics = steps[step >= config.loss.gan_start_step](state, x, lpips_params)
         step += 1
+        skipped = skipped + (1 - metrics["finite"])
         if step % config.log_every == 0 or step == config.total_steps:
             metrics = {k: float(v) for k, v in metrics.items()}
             writer.write(step, {**metrics, "wall_s": time.time() - start})
             writer.progress(step, metrics)
-        if step % config.checkpoint_every == 0 or preemption.requested:
+            if float(skipped):
+                writer.close()
+                manager.wait_until_finished()
+                raise FloatingPointError(
+                    f"loss, gradient or update not finite in {int(skipped)} of the steps up to "
+                    f"{step} (their updates were not applied); stopping. Last good "
+                    f"checkpoint: {manager.latest_step()} in {manager.directory}")
+        # The last step is saved before its evaluation, which may be long (a signal then
+        # would cost every step since the previous checkpoint).
+        if (step % config.checkpoint_every == 0 or preemption.requested
+                or step == config.total_steps or out_of_time()):
             save()
         if preemption.requested:
             writer.close()
@@ -231,10 +262,10 @@ def _loop(config, workdir, steps, state, step, mesh, lpips_params, manager):
         due = [e for e in evals if e.due(step, config.total_steps)]
         if due:
             results = evaluate(due)
-    if results.get("step") != step:  # the end (also of a time-limited run): every evaluator
-        results = evaluate(evals)
     if manager.latest_step() != step:
         save()
+    if results.get("step") != step:  # the end (also of a time-limited run): every evaluator
+        results = evaluate(evals)
     writer.close()
     if config.model.kind == "vae":  # the Transfusion trainer's normalisation (codec.py)
         with open(os.path.join(workdir, "latent_stats.json"), "w") as f:

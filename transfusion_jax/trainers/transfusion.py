@@ -61,6 +61,7 @@ RULES = (
     ("seed", integer),
     ("total_steps", positive_int),
     ("stop_at_step", non_negative_int),
+    ("preemption_grace_s", non_negative_number),
     ("grad_accum", positive_int),
     ("ema_decay", fraction()),
     ("log_every", positive_int),
@@ -163,7 +164,7 @@ ADDED_FIELDS = {"model.family": "transfusion", "model.norm_reorder": False,
 # Fields a resume may change freely: they change neither the model nor the batches. (remat,
 # logits_chunk and the attention implementation change how the step computes the same function:
 # the losses agree to rounding; a run moves between GPU, TPU and CPU kernels this way.)
-RESUME_FREE = ("stop_at_step", "log_every", "checkpoint_every", "keep_checkpoints", "evals",
+RESUME_FREE = ("stop_at_step", "preemption_grace_s", "log_every", "checkpoint_every", "keep_checkpoints", "evals",
                "mesh", "sharding_rules", "model.remat", "model.logits_chunk", "model.attention",
                "model.attention_block")
 
@@ -407,7 +408,7 @@ def train(config, workdir: str, data_streams: int | None = None,
     peak, peak_source = flops.peak_flops()
     peak *= jax.device_count()
     writer = MetricsWriter(workdir, config.total_steps, resume_step=start)
-    preemption = Preemption()
+    preemption = Preemption(config.get("preemption_grace_s", 0))
     stop_at = config.stop_at_step or config.total_steps
 
     def report(step, metrics, data_metrics, seconds):
@@ -447,7 +448,7 @@ def train(config, workdir: str, data_streams: int | None = None,
         checkpoint.save(manager, step, state, pipeline.get_state(), force=True,
                         num_streams=streams)
 
-    pending, last, step = None, {}, start
+    pending, last, step, failing = None, {}, start, True
     t_prev = time.perf_counter()
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -460,12 +461,14 @@ def train(config, workdir: str, data_streams: int | None = None,
                     last = report(*pending)
                 now = time.perf_counter()
                 pending, t_prev = (step, metrics, data_metrics, now - t_prev), now
-                if step % config.checkpoint_every == 0 or preempted:
+                # The last step is saved before its evaluation, which may be long (a signal
+                # then would cost every step since the previous checkpoint).
+                if step % config.checkpoint_every == 0 or preempted or step == last_step:
                     # This step's metrics line goes to disk before its checkpoint exists: a
                     # kill after the save cannot leave a restored step without its line.
                     last, pending = report(*pending), None
                     save(step, state)
-                if any(e.due(step, config.total_steps) for e in evals):
+                if not preempted and any(e.due(step, config.total_steps) for e in evals):
                     evaluate(step, state)
                     t_prev = time.perf_counter()  # evaluating is not the next step's time
                 if preempted:
@@ -479,9 +482,9 @@ def train(config, workdir: str, data_streams: int | None = None,
                 last = report(*pending)
         if manager.latest_step() != step:
             save(step, state)
+        failing = False
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        checkpoint.finish(manager, failing)  # StorageError when the last save failed
         writer.close()
         pipeline.close()
     distributed.log(f"stopped at step {step}. checkpoints: {workdir}/checkpoints  metrics: "
