@@ -128,11 +128,15 @@ def test_when_no_checkpoint_reads_the_run_stops_naming_them(four_steps, tmp_path
     assert len(lines(workdir)) == 4  # the metrics of the run are kept
 
 
-def test_a_workdir_that_cannot_take_checkpoints_stops_the_run_at_start(tmp_path):
+@pytest.mark.parametrize("which", ["transfusion", "autoencoder"])
+def test_a_workdir_that_cannot_take_checkpoints_stops_the_run_at_start(tmp_path, which):
     (tmp_path / "checkpoints").write_text("a file where the folder should be")
     with pytest.raises(ValueError, match=r"checkpoints cannot take checkpoints .*expected a "
                                          "writable folder"):
-        trainer.train(tiny(), str(tmp_path))
+        if which == "transfusion":
+            trainer.train(tiny(), str(tmp_path))
+        else:
+            ae_trainer.train(tiny_autoencoder(), str(tmp_path))
     assert not (tmp_path / "config.json").exists()
 
 
