@@ -124,6 +124,7 @@ def test_a_non_finite_update_leaves_the_state_unchanged():
     (dict(keep_checkpoints=0), "keep_checkpoints=0: expected an integer >= 1"),
     (dict(keep_checkpoints=-1), "keep_checkpoints=-1"),
     (dict(stop_at_step=-1), "stop_at_step=-1: expected an integer >= 0"),
+    (dict(preemption_grace_s=-1.0), "preemption_grace_s=-1.0: expected a finite number >= 0"),
     (dict(model={"depth": 0}), "model.depth=0: expected an integer >= 1"),
     (dict(model={"dtype": "float8"}), "model.dtype='float8': expected one of"),
     (dict(model={"attention": "blockwsie"}), "model.attention='blockwsie'"),
