@@ -29,7 +29,7 @@ def test_tiny_vq_run(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2]  # one line per step; evaluations in evals/
     assert all(np.isfinite(r["loss"]) and r["codebook"] > 0 and "gan_d" in r for r in records)
-    assert sorted(os.listdir(tmp_path / "evals")) == ["2", "2.json"]
+    assert sorted(os.listdir(tmp_path / "evals")) == ["2", "2.json", "report.md"]
     saved = json.loads((tmp_path / "evals" / "2.json").read_text())
     assert results == {**saved, "step": 2}
     assert 0 < results["heldout/codes_used"] <= 1 and results["heldout/codes_seen"] == 8 * 8 * 8

@@ -7,18 +7,23 @@ Loads the run's config, tokenizer, frozen autoencoder (of the run's model.family
 run's VQ-VAE) and the checkpoint's params (the EMA params when the run kept them: what the
 trainer evaluates), runs every evaluator of config.evals (or those named by --only, whatever
 their `every`) and writes their scalars to DIR/evals/<step>.json and their files to
-DIR/evals/<step>/<name>/, as training does.
+DIR/evals/<step>/<name>/, as training does. A Transfusion or Chameleon run's evaluators run on
+its mesh (config.mesh over this machine's devices), the params sharded as training shards them:
+the programs training's evaluations ran, so the numbers are training's.
 """
 import json
 
+import flax.linen as nn
+import jax
 from absl import flags
 
-from transfusion_jax.core import checkpoint, cli
+from transfusion_jax.core import checkpoint, cli, sharding, train_state
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.evaluators import common as evaluators
 from transfusion_jax.inference.loading import load_for_inference
 from transfusion_jax.models import family
 from transfusion_jax.models.autoencoder import loader
+from transfusion_jax.trainers import transfusion as trainer
 
 
 def evaluate(workdir: str, step: int | None = None, only: tuple[str, ...] = ()) -> dict:
@@ -34,8 +39,23 @@ def evaluate(workdir: str, step: int | None = None, only: tuple[str, ...] = ()) 
         config, get_tokenizer(config.data, workdir) if model_run else None,
         loader.load_codec(config.autoencoder, family(config.model)) if model_run else None,
         workdir)
-    return evaluators.run(evaluators.from_config(config.evals, context, only), variables, step,
-                          workdir)
+    scheduled = evaluators.from_config(config.evals, context, only)
+    if not model_run:  # an autoencoder's evaluators: on one device, as its trainer runs them
+        return evaluators.run(scheduled, variables, step, workdir, config)
+    mesh, variables = on_the_run_mesh(config, variables)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(
+            sharding.rules_from_config(config.sharding_rules)):
+        return evaluators.run(scheduled, variables, step, workdir, config)
+
+
+def on_the_run_mesh(config, variables):
+    """(mesh, variables): the run's mesh and its params placed with the shardings training gives
+    them (from the model's logical axis names and config.sharding_rules)."""
+    mesh = sharding.make_mesh(config.mesh)
+    model, tx = trainer.model_and_optimizer(config)
+    init_fn = trainer.make_init_fn(config, model, tx, trainer.init_inputs(config, 1))
+    shardings = train_state.state_shardings(init_fn, mesh, config.sharding_rules).params
+    return mesh, {**variables, "params": jax.device_put(variables["params"], shardings)}
 
 
 def main():

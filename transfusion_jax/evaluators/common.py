@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from transfusion_jax.core import distributed
+from transfusion_jax.evaluators import run_report
 
 TYPES = {
     "sample_grid": "transfusion_jax.evaluators.sample_grid",
@@ -92,11 +93,17 @@ def from_config(evals, context: Context, only: tuple[str, ...] = (),
     return out
 
 
-def run(evaluators: list[Scheduled], variables, step: int, workdir: str) -> dict:
+def run(evaluators: list[Scheduled], variables, step: int, workdir: str, config=None) -> dict:
     """Runs `evaluators` on `variables` (at training step `step`) -> {"<name>/<key>": scalar};
     files go to workdir/evals/<step>/<name>/, the scalars to workdir/evals/<step>.json (merged
     with what that file already holds), after each evaluator: a later one of the same step reads
-    the earlier ones' there (the shapes report plots the denoising evaluator's gain)."""
+    the earlier ones' there (the shapes report plots the denoising evaluator's gain). Then the
+    run's report over all evaluated steps (run_report.py: evals/report.md and, from two steps,
+    evals/metrics_vs_flops.png; the training FLOPs come from `config`, the run's config: None
+    gives steps only); a failure there is a warning line, never the evaluation's failure.
+    `variables` are used as the caller placed them: the trainer and `evaluate` call this under
+    the run's mesh and logical axis rules with the params sharded as training shards them, so
+    each evaluator's jitted forward runs sharded (tests/test_evaluators_mesh.py)."""
     results = {}
     path = os.path.join(workdir, "evals", f"{step}.json")
     saved = {}
@@ -114,4 +121,8 @@ def run(evaluators: list[Scheduled], variables, step: int, workdir: str) -> dict
         results.update({f"{scheduled.name}/{k}": float(v) for k, v in scores.items()})
         with open(path, "w") as f:
             json.dump({**saved, **results}, f, indent=1, sort_keys=True)
+    try:
+        run_report.write(workdir, config)
+    except Exception as e:  # noqa: BLE001 - the report must never fail an evaluation
+        distributed.log(f"warning: evals/report.md not written ({type(e).__name__}: {e})")
     return results

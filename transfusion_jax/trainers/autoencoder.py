@@ -225,7 +225,7 @@ def _loop(config, workdir, steps, state, step, mesh, lpips_params, manager):
                                    force=True)
 
     def evaluate(due):
-        scores = evaluators.run(due, {"params": state.params, **state.vq}, step, workdir)
+        scores = evaluators.run(due, {"params": state.params, **state.vq}, step, workdir, config)
         writer.add_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
         return {"step": step, **scores}
 

@@ -438,10 +438,9 @@ def train(config, workdir: str, data_streams: int | None = None,
 
     def evaluate(step, state):
         due = [e for e in evals if e.due(step, config.total_steps)]
-        if due:  # on host copies, outside the mesh: as `python -m transfusion_jax.evaluate` runs
+        if due:  # on the run's mesh (the loop's), params sharded as training holds them
             params = state.ema_params if state.ema_params is not None else state.params
-            with nn.logical_axis_rules(()):
-                results = evaluators.run(due, {"params": jax.device_get(params)}, step, workdir)
+            results = evaluators.run(due, {"params": params}, step, workdir, config)
             writer.add_scalars(step, {f"eval/{key}": value for key, value in results.items()})
 
     def save(step, state):  # every process, with the data streams it owns
