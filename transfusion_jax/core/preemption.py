@@ -21,7 +21,9 @@ class Preemption:
 
     With several processes, all must stop after the same step, so no local handler: JAX's
     preemption service (on with jax.distributed) catches SIGTERM on any host and agrees on a
-    step with the others, which `reached(step)` then reports on every host."""
+    step with the others, which `reached(step)` then reports on every host; the grace period
+    then counts from that step (a process stuck before it, in a collective, is left to the
+    cluster's SIGKILL)."""
 
     def __init__(self, grace_s: float = 0):
         self.requested = False
@@ -40,11 +42,14 @@ class Preemption:
               (f" (exiting in {self.grace_s:g}s at the latest)" if self.grace_s else ""),
               file=sys.stderr, flush=True)
         self.requested = True
+        self._deadline(name, 128 + signum)
+
+    def _deadline(self, what: str, code: int) -> None:
         if self.grace_s:
             timer = threading.Timer(self.grace_s, _exit, (
-                f"still running {self.grace_s:g}s after {name} (preemption_grace_s): exiting "
+                f"still running {self.grace_s:g}s after {what} (preemption_grace_s): exiting "
                 "without waiting further; the run resumes from its newest complete checkpoint",
-                128 + signum))
+                code))
             timer.daemon = True
             timer.start()
 
@@ -57,6 +62,7 @@ class Preemption:
                 self._multi = False
             if self.requested:
                 distributed.log(f"preemption notice: all processes checkpoint after step {step}")
+                self._deadline("the preemption notice", 128 + signal.SIGTERM)
         return self.requested
 
 
