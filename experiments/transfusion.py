@@ -162,10 +162,13 @@ def get_config(arg=None):
                             perplexity=dict(type="perplexity", every=0, tokens=50_000),
                             choices=dict(type="ranked", every=0, num=128),
                             captions=dict(type="captioning", every=0, num=64),
-                            # A random-weight InceptionV3 (no weight file ships): reported as
-                            # fid_random_weights, a smoke test of the pipeline, not FID.
+                            # A random-weight InceptionV3 and CLIP ViT-B/32 (no weight file
+                            # ships): reported as fid_random_weights and
+                            # clip_score_random_weights, smoke tests of the pipeline, not FID
+                            # and CLIP score.
                             fid=dict(type="fid", every=0, random_weights=True, num=64, batch=32,
-                                     sampler="dpm++2m", steps=20, guidance=3.0))
+                                     sampler="dpm++2m", steps=20, guidance=3.0,
+                                     clip_random_weights=True))
     elif arg.size == "tiny":  # on request only (tests): a quick shapes score
         config.evals = dict(shapes=dict(type="shapes", every=0, num=2, steps=4))
     return config

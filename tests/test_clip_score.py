@@ -368,3 +368,134 @@ def test_fid_evaluator_reports_clip_score_on_tiny_preset(open_clip, vocab, prepr
                                                  abs=1e-3)
     generated.clear()
     assert evaluator.run(variables, str(out)) == scores  # same seed: same images, same score
+
+
+def test_hash_tokenizer_stands_in_without_the_vocabulary():
+    """The random-weight stand-in: pieces cleaned and split as CLIP's tokenizer does, hashed to
+    stable ids (the same in every process: these literals) between CLIP's start and end tokens,
+    the end token the highest id of its row; zero-padded, cut at 77 ending with the end token."""
+    tok = jclip.HashTokenizer()
+    assert (tok.sot, tok.eot) == (49406, 49407)
+    assert tok.encode("A red  square, left of a &amp; BLUE circle.") == [
+        19874, 7849, 32347, 27728, 12100, 40016, 19874, 22899, 44344, 15480, 21375]
+    assert tok.encode("a RED square") == tok.encode(" a red\tsquare ") == [19874, 7849, 32347]
+    rows = tok(CAPTIONS)
+    assert rows.dtype == np.int32 and rows.shape == (len(CAPTIONS), 77)
+    assert (rows[:, 0] == tok.sot).all() and (rows.argmax(-1) == (rows == tok.eot).argmax(-1)).all()
+    assert rows[-1, -1] == tok.eot and (rows[:-1] == tok.eot).sum(-1).tolist() == [1] * 7
+    first = [tok.sot] + tok.encode(CAPTIONS[0]) + [tok.eot]  # "a photo of a cat": 5 pieces
+    assert len(first) == 7 and rows[0, :7].tolist() == first and (rows[0, 7:] == 0).all()
+    small = jclip.HashTokenizer(context_length=8, vocab_size=100)
+    assert small("one two three four five six seven eight nine").tolist() == [
+        [98] + small.encode("one two three four five six") + [99]]
+    assert max(small.encode(" ".join(CAPTIONS))) < 98
+
+
+def test_clip_random_weights_options_are_checked_first(tmp_path, monkeypatch):
+    """clip_random_weights with a weight file too, or a clip_vocab that does not exist, or an
+    unknown model: an error before any work."""
+    context = common.Context(load_config("experiments/transfusion.py:tiny"), WordTokenizer(),
+                             None, str(tmp_path))
+    monkeypatch.setattr(fid, "Inception", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ValueError, match="clip_weights=.* and clip_random_weights=True: give one"):
+        fid.Evaluator(context, num=4, random_weights=True, clip_random_weights=True,
+                      clip_weights=str(tmp_path / "w.bin"))
+    with pytest.raises(FileNotFoundError, match=r"clip_vocab=.*missing.txt.gz.*does not exist"):
+        fid.Evaluator(context, num=4, random_weights=True, clip_random_weights=True,
+                      clip_vocab=str(tmp_path / "missing.txt.gz"))
+    with pytest.raises(ValueError, match="CLIP model 'ViT-Q'"):
+        fid.Evaluator(context, num=4, random_weights=True, clip_random_weights=True,
+                      clip_model="ViT-Q")
+
+
+def test_clip_scorer_random_weights(monkeypatch):
+    """random_weights=True, no file: the tiny architecture's random network of `seed` (the same
+    seed, the same embeddings), unit embeddings, captions by the stand-in tokenizer."""
+    monkeypatch.setitem(jclip.ARCHS, "tiny-test", TINY)
+    scorer = clip_score.ClipScorer("", "", "tiny-test", batch=4, random_weights=True, seed=3)
+    assert isinstance(scorer.tokenizer, jclip.HashTokenizer)
+    images, captions = _images(3), CAPTIONS[:6]  # 6: a padded batch
+    image, text = scorer.image_embeddings(images), scorer.text_embeddings(captions)
+    assert image.shape == text.shape == (6, TINY.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(image, axis=-1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=-1), 1, atol=1e-5)
+    again = clip_score.ClipScorer("", "", "tiny-test", batch=6, random_weights=True, seed=3)
+    np.testing.assert_allclose(again.cosines(images, captions), (image * text).sum(-1),
+                               rtol=0, atol=1e-6)
+    assert scorer.score(images, captions) == clip_score.clip_score((image * text).sum(-1))
+
+
+@pytest.mark.slow
+def test_fid_evaluator_reports_clip_score_random_weights_on_tiny_preset(tmp_path, monkeypatch):
+    """clip_random_weights=True: no weight file, no vocabulary file; the score is labelled
+    clip_score_random_weights beside fid64_random_weights, equals a ClipScorer of the same
+    random network (same seed) on the images the evaluator generated, and repeats exactly."""
+    monkeypatch.setitem(jclip.ARCHS, "tiny-test", TINY)
+    config = load_config("experiments/transfusion.py:tiny")
+    context = common.Context(config, WordTokenizer(), None, str(tmp_path))
+    evaluator = fid.Evaluator(context, num=6, batch=4, random_weights=True, dims=64,
+                              sampler="ddim", steps=2, guidance=3.0, seed=1,
+                              clip_random_weights=True, clip_model="tiny-test")
+    assert isinstance(evaluator.clip.tokenizer, jclip.HashTokenizer)
+    generated = []
+    generate = evaluator.generate
+    monkeypatch.setattr(evaluator, "generate",
+                        lambda *a: generated.append(generate(*a)) or generated[-1])
+    out = tmp_path / "out"
+    out.mkdir()
+    variables = jax.jit(lambda: random_params(config.model))()
+    scores = evaluator.run(variables, str(out))
+    assert sorted(scores) == ["clip_score_random_weights", "fid64_random_weights"]
+    images = np.concatenate(generated)
+    assert images.shape[0] == 6 and images.dtype == np.uint8
+    scorer = clip_score.ClipScorer("", "", "tiny-test", batch=3, random_weights=True, seed=1)
+    want = scorer.cosines(images, evaluator.captions)
+    cosines = np.load(out / "clip_cosines.npy")
+    assert cosines.shape == (6,) and np.isfinite(cosines).all()
+    np.testing.assert_allclose(cosines, want, rtol=0, atol=1e-5)
+    assert scores["clip_score_random_weights"] == pytest.approx(clip_score.clip_score(want),
+                                                                abs=1e-3)
+    other = clip_score.ClipScorer("", "", "tiny-test", batch=3, random_weights=True, seed=2)
+    assert np.abs(other.cosines(images, evaluator.captions) - want).max() > 1e-3  # seeded
+    generated.clear()
+    assert evaluator.run(variables, str(out)) == scores  # same seeds: same images, same score
+
+
+def test_clip_random_weights_with_vocab_uses_clips_tokenizer(open_clip, vocab, tmp_path,
+                                                             monkeypatch):
+    """Given clip_vocab, the random-weight CLIP tokenizes with CLIP's own BPE (open_clip's ids)."""
+    monkeypatch.setitem(jclip.ARCHS, "tiny-test", TINY)
+    scorer = clip_score.ClipScorer("", vocab, "tiny-test", batch=2, random_weights=True)
+    assert isinstance(scorer.tokenizer, jclip.Tokenizer)
+    np.testing.assert_array_equal(scorer.tokenizer(CAPTIONS[:3]),
+                                  open_clip.get_tokenizer("ViT-B-32")(CAPTIONS[:3]).numpy())
+    with pytest.raises(ValueError, match="weights=.* and random_weights=True: give one"):
+        clip_score.ClipScorer(str(tmp_path / "w.bin"), vocab, "tiny-test", random_weights=True)
+
+
+def test_fid_decoder_runs_on_a_mesh():
+    """The fid evaluator's decoder on the run's mesh (as python -m transfusion_jax.evaluate runs
+    the evaluators): the codec's variables, restored onto one device, are closed over, not
+    passed (as arguments they clashed with the mesh: 'Received incompatible devices')."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Codec:
+        kind: str
+        variables: dict
+
+        def decode(self, v, z):
+            return z * v["scale"]
+
+        def decode_ids(self, v, ids):
+            return v["table"][ids]
+
+    on_one = {"scale": jax.device_put(np.float32(0.5), jax.devices()[0]),
+              "table": jax.device_put(np.linspace(-2, 2, 5, dtype=np.float32), jax.devices()[0])}
+    z = np.linspace(-4, 4, 2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3)
+    ids = np.arange(2 * 3 * 3).reshape(2, 3, 3) % 5
+    with jax.set_mesh(jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])):
+        pixels = fid._batch_decoder(Codec("vae", on_one))(z)
+        from_ids = fid._batch_decoder(Codec("vq", on_one))(ids)
+    np.testing.assert_allclose(pixels, np.clip(z * 0.5, -1, 1))
+    np.testing.assert_allclose(from_ids, np.clip(np.linspace(-2, 2, 5)[ids], -1, 1))

@@ -17,6 +17,14 @@ center crop; OpenAI's mean and std), captions tokenized as open_clip's tokenizer
 
 The `fid` evaluator computes it on the images it generates (options clip_weights, clip_vocab,
 clip_model, clip_normalize): the images are generated once for both numbers.
+
+Random weights (`random_weights=True`, the fid evaluator's clip_random_weights): the architecture
+with Flax's random initialisation (models.clip.random_variables(model, seed)) instead of a weight
+file, reported as "clip_score_random_weights": a check that the pipeline runs (generation,
+preprocessing, both towers, the score), not a CLIP score, as fid_random_weights is not FID.
+Without `vocab` it tokenizes with models.clip.HashTokenizer (pieces hashed to ids between CLIP's
+start and end tokens: with random weights the tokenizer's exactness means nothing); with `vocab`
+it uses CLIP's own. Nothing is downloaded either way.
 """
 import os
 
@@ -37,11 +45,21 @@ def clip_score(cosines) -> float:
 
 
 def check_options(weights: str, vocab: str, model=clip_net.DEFAULT_ARCH,
-                  normalize: str = "openai", option: str = "clip_") -> None:
+                  normalize: str = "openai", option: str = "clip_",
+                  random_weights: bool = False) -> None:
     """Both files exist (else a FileNotFoundError naming the option, the path and where to get
-    the file), the architecture and the normalization are known; called before any work."""
-    for name, path, what, help_ in (("weights", weights, "weight file", clip_net.WEIGHTS_HELP),
-                                    ("vocab", vocab, "vocabulary file", clip_net.VOCAB_HELP)):
+    the file), the architecture and the normalization are known; called before any work.
+    random_weights: no weight file (one given is an error: which one is meant?), the vocabulary
+    file optional (checked when given)."""
+    if random_weights and weights:
+        raise ValueError(f"{option}weights={weights!r} and {option}random_weights=True: give one "
+                         "(a weight file for the CLIP score, or random weights for a pipeline "
+                         "check)")
+    files = (("weights", weights, "weight file", clip_net.WEIGHTS_HELP),
+             ("vocab", vocab, "vocabulary file", clip_net.VOCAB_HELP))
+    for name, path, what, help_ in files:
+        if random_weights and (name == "weights" or not path):
+            continue
         if not path:
             raise FileNotFoundError(f"{option}{name}: the CLIP score needs the path of "
                                     f"{help_}")
@@ -57,14 +75,19 @@ def check_options(weights: str, vocab: str, model=clip_net.DEFAULT_ARCH,
 
 class ClipScorer:
     """CLIP with its weights and tokenizer: image and caption embeddings in fixed-size batches
-    (`batch`; the last one padded), each tower jitted once."""
+    (`batch`; the last one padded), each tower jitted once. random_weights: no weight file, the
+    random network of `seed`; without `vocab`, models.clip.HashTokenizer (module doc)."""
 
     def __init__(self, weights: str, vocab: str, model: str = clip_net.DEFAULT_ARCH,
-                 batch: int = 32, normalize: str = "openai"):
-        check_options(weights, vocab, model, normalize, option="")
-        self.config = clip_net.arch(model)
-        self.tokenizer = clip_net.Tokenizer(vocab, self.config.context_length)
-        self.variables = clip_net.load_clip(weights, self.config)
+                 batch: int = 32, normalize: str = "openai", random_weights: bool = False,
+                 seed: int = 0):
+        check_options(weights, vocab, model, normalize, option="", random_weights=random_weights)
+        self.config, self.random = clip_net.arch(model), random_weights
+        c = self.config
+        self.tokenizer = (clip_net.Tokenizer(vocab, c.context_length) if vocab
+                          else clip_net.HashTokenizer(c.context_length, c.vocab_size))
+        self.variables = (clip_net.random_variables(c, seed) if random_weights
+                          else clip_net.load_clip(weights, c))
         self.batch, self.size = batch, self.config.image_size
         mean, std = clip_net.NORMALIZATIONS[normalize]
         net = clip_net.CLIP(self.config)

@@ -20,6 +20,9 @@ or open_clip_model.safetensors) and clip_vocab (CLIP's bpe_simple_vocab_16e6.txt
 clip_model names the architecture (default "ViT-B-32"; models/clip.py:ARCHS), clip_normalize the
 mean and std ("openai", or "inception" for the checkpoints trained with 0.5). The per-caption
 cosines go to clip_cosines.npy. A missing file stops the evaluator before any work, naming it.
+Or clip_random_weights=True: the clip_model architecture with random weights (seed `seed`; no
+file), reported as "clip_score_random_weights", a pipeline check, not CLIP score; without
+clip_vocab its captions are tokenized by models.clip.HashTokenizer (evaluators/clip_score.py).
 
 Either model family (config.model.family): a Chameleon run samples its images as VQ-VAE tokens
 (generation.Generator; `guidance` on their logits, the paper's 5; sampler and steps not used)
@@ -210,12 +213,15 @@ class Evaluator:
                  reference: str = "", sampler: str = "ddpm", steps: int = 250,
                  guidance: float = 3.0, seed: int = 0, cache_dir: str = "", log_every: int = 10,
                  clip_weights: str = "", clip_vocab: str = "",
-                 clip_model: str = clip_net.DEFAULT_ARCH, clip_normalize: str = "openai"):
+                 clip_model: str = clip_net.DEFAULT_ARCH, clip_normalize: str = "openai",
+                 clip_random_weights: bool = False):
         config = context.config
         if num < 2 or batch < 1:
             raise ValueError(f"num={num}, batch={batch}: expected num >= 2, batch >= 1")
-        if clip_weights or clip_vocab:  # before any work: both files, known model and stats
-            clip_score.check_options(clip_weights, clip_vocab, clip_model, clip_normalize)
+        use_clip = bool(clip_weights or clip_vocab or clip_random_weights)
+        if use_clip:  # before any work: the files, a known model and normalization
+            clip_score.check_options(clip_weights, clip_vocab, clip_model, clip_normalize,
+                                     random_weights=clip_random_weights)
         if not inception and not random_weights:
             raise ValueError(f"inception: the path of pytorch-fid's weight file "
                              f"{inception_net.FID_WEIGHTS_FILE} (from "
@@ -242,7 +248,9 @@ class Evaluator:
             config.autoencoder, family(config.model)))
         self.cache_dir = cache_dir or os.path.join(context.workdir, "fid_cache")
         self.clip = (clip_score.ClipScorer(clip_weights, clip_vocab, clip_model, batch,
-                                           clip_normalize) if clip_weights else None)
+                                           clip_normalize, clip_random_weights, seed)
+                     if use_clip else None)
+        self.clip_name = "clip_score" + ("_random_weights" if clip_random_weights else "")
         self._clip_texts = None  # the captions' CLIP embeddings, computed at the first run
 
     def generate(self, variables, captions, key) -> np.ndarray:
@@ -279,17 +287,20 @@ class Evaluator:
         if self.clip is not None:
             cosines = np.concatenate(cosines)
             np.save(os.path.join(out_dir, "clip_cosines.npy"), cosines)
-            scores["clip_score"] = clip_score.clip_score(cosines)
+            scores[self.clip_name] = clip_score.clip_score(cosines)
         return scores
 
 
 def _batch_decoder(codec):
     """Latents [B, h, w, C] (a VQ-VAE: code ids [B, h, w]) -> pixels [B, H, W, 3] in [-1, 1]
-    through the frozen codec, jitted."""
+    through the frozen codec, jitted. Its variables are closed over, as inference/tasks.py does:
+    restored onto one device, as arguments they would clash with the run's mesh when the
+    evaluators run on it (python -m transfusion_jax.evaluate on a multi-device mesh)."""
     if codec.kind == "identity":
         return lambda z: np.clip(np.asarray(z), -1.0, 1.0)
     if codec.kind == "vq":
-        decode_ids = jax.jit(lambda v, ids: jnp.clip(codec.decode_ids(v, ids), -1.0, 1.0))
-        return lambda ids: np.asarray(decode_ids(codec.variables, ids))
-    decode = jax.jit(lambda v, z: jnp.clip(codec.decode(v, z), -1.0, 1.0))
-    return lambda z: np.asarray(decode(codec.variables, z))
+        decode_ids = jax.jit(lambda ids: jnp.clip(codec.decode_ids(codec.variables, ids),
+                                                  -1.0, 1.0))
+        return lambda ids: np.asarray(decode_ids(ids))
+    decode = jax.jit(lambda z: jnp.clip(codec.decode(codec.variables, z), -1.0, 1.0))
+    return lambda z: np.asarray(decode(z))

@@ -19,7 +19,10 @@ image preprocessing.
   ftfy's fix_text (when ftfy is installed; otherwise `_fix_text`'s subset), HTML unescaped twice,
   whitespace collapsed, lower case, the regex split without the `regex` package (`_pieces`),
   byte-level BPE, <start_of_text> ... <end_of_text>, zero-padded to 77; a longer text is cut
-  and ends with <end_of_text>.
+  and ends with <end_of_text>. `HashTokenizer` stands in for it without the BPE file, for a
+  random-weight CLIP only (a pipeline check): pieces hashed to ids between the same markers.
+- Random weights: `random_variables(config, seed)`, Flax's initialisation of the architecture
+  (no file), for tests and the pipeline check `clip_score_random_weights` (not a CLIP score).
 - Preprocessing: `resize_and_crop` is open_clip's eval transform, to the pixel (torchvision's
   Resize(224, bicubic) on a PIL image, i.e. PIL's resize with the shortest side to 224, and
   CenterCrop(224)); `normalize` is ToTensor and Normalize with OpenAI's mean and std (or
@@ -27,6 +30,7 @@ image preprocessing.
 """
 import dataclasses
 import gzip
+import hashlib
 import html
 import os
 import pickle
@@ -396,6 +400,45 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
+class HashTokenizer:
+    """The stand-in for `Tokenizer` where CLIP's BPE file is not at hand, for a random-weight
+    CLIP only (the pipeline check `clip_score_random_weights`, whose numbers mean nothing, so the
+    tokenizer's exactness means nothing either): the text cleaned as `Tokenizer` cleans it (HTML
+    unescaped, whitespace collapsed, lower case), split by CLIP's pattern (`_pieces`), each piece
+    mapped to an id by a stable hash (the first 8 bytes of its SHA-256, modulo vocab_size - 2),
+    between <start_of_text> (vocab_size - 2) and <end_of_text> (vocab_size - 1, the highest id,
+    where the text tower reads its features), zero-padded to context_length; a longer text is
+    cut and ends with <end_of_text>. Deterministic across processes and machines (not Python's
+    salted hash()). Same interface as `Tokenizer`: `encode(text)`, `__call__(texts)`."""
+
+    def __init__(self, context_length: int = 77, vocab_size: int = 49408):
+        if vocab_size < 3:
+            raise ValueError(f"HashTokenizer: vocab_size={vocab_size}; expected >= 3")
+        self.sot, self.eot = vocab_size - 2, vocab_size - 1
+        self.vocab_size, self.context_length = vocab_size, context_length
+
+    def encode(self, text: str) -> list[int]:
+        text = " ".join(html.unescape(html.unescape(text)).split()).lower()
+        return [int.from_bytes(hashlib.sha256(piece.encode("utf-8")).digest()[:8], "little")
+                % (self.vocab_size - 2) for piece in _pieces(text)]
+
+    def __call__(self, texts, context_length: int | None = None) -> np.ndarray:
+        return _rows(self, texts, context_length or self.context_length)
+
+
+def _rows(tokenizer, texts, length: int) -> np.ndarray:
+    """Texts -> int32 [N, length]: <start_of_text> ids <end_of_text>, zero-padded; a longer
+    text is cut and ends with <end_of_text> (open_clip's tokenize)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = np.zeros((len(texts), length), np.int32)
+    for row, text in zip(out, texts):
+        ids = [tokenizer.sot] + tokenizer.encode(text) + [tokenizer.eot]
+        if len(ids) > length:
+            ids = ids[:length - 1] + [tokenizer.eot]
+        row[:len(ids)] = ids
+    return out
+
+
 class Tokenizer:
     """open_clip's SimpleTokenizer (clean="lower"), from CLIP's BPE merges file: `encode(text)`
     -> BPE ids; `__call__(texts)` -> int32 [N, context_length]."""
@@ -455,15 +498,7 @@ class Tokenizer:
         return ids
 
     def __call__(self, texts, context_length: int | None = None) -> np.ndarray:
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        length = context_length or self.context_length
-        out = np.zeros((len(texts), length), np.int32)
-        for row, text in zip(out, texts):
-            ids = [self.sot] + self.encode(text) + [self.eot]
-            if len(ids) > length:
-                ids = ids[:length - 1] + [self.eot]
-            row[:len(ids)] = ids
-        return out
+        return _rows(self, texts, context_length or self.context_length)
 
 
 # --------------------------------------------------------------------------- preprocessing
