@@ -82,12 +82,15 @@ class Evaluator:
         codec = context.codec
         pixels = jnp.asarray(np.stack(self.images).astype(np.float32) / 127.5 - 1.0)
         self.tokens_only = family(context.config.model) == "chameleon"
+        # The codec's variables are closed over, as inference/tasks.py does: restored onto one
+        # device, as arguments they clash with the run's mesh when built under it.
         if self.tokens_only:  # image statistics of code ids (module doc)
             self.codebook = context.config.model.image_vocab_size
-            ids = jax.jit(codec.encode_ids)(codec.variables, pixels)
+            ids = jax.jit(lambda x: codec.encode_ids(codec.variables, x))(pixels)
             self.data_image_stat = code_usage(ids, self.codebook)
         else:
-            self.data_image_stat = float(jnp.std(jax.jit(codec.encode)(codec.variables, pixels)))
+            self.data_image_stat = float(jnp.std(jax.jit(
+                lambda x: codec.encode(codec.variables, x))(pixels)))
 
     def run(self, variables, out_dir: str) -> dict:
         c, s = self.context, self.sampling
