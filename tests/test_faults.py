@@ -191,3 +191,23 @@ def test_a_damaged_autoencoder_checkpoint_is_set_aside_and_the_previous_one_resu
     without_time = lambda w: [{k: v for k, v in r.items() if k != "wall_s"}  # noqa: E731
                               for r in lines(w)]
     assert without_time(damaged) == without_time(straight)
+
+
+def test_config_json_holds_absolute_paths_and_a_resume_compares_them(tmp_path, monkeypatch):
+    """A relative autoencoder.checkpoint (the demo's) is saved absolute, so generate and evaluate
+    read the run from any directory; a resume given the same path, relative or absolute, is the
+    same run."""
+    config = tiny(autoencoder=dict(checkpoint="runs/ae"), data=dict(tfds_data_dir="gs://b/tfds"))
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "2").mkdir(parents=True)
+    checkpoint.write_config(str(workdir), config)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["autoencoder"]["checkpoint"] == str(tmp_path / "runs" / "ae")
+    assert saved["data"]["tfds_data_dir"] == "gs://b/tfds" and saved["data"]["latents_dir"] == ""
+    for same in ("runs/ae", str(tmp_path / "runs" / "ae"), "./runs/../runs/ae"):
+        config.autoencoder.checkpoint = same
+        assert checkpoint.check_resume(str(workdir), config, trainer.RESUME_FREE) == []
+    config.autoencoder.checkpoint = "runs/other"
+    with pytest.raises(ValueError, match="autoencoder.checkpoint: .*runs/ae' -> .*runs/other'"):
+        checkpoint.check_resume(str(workdir), config, trainer.RESUME_FREE)

@@ -28,6 +28,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
+from transfusion_jax.core.config import with_absolute_paths
+
 ITEMS = ("state", "data")
 
 
@@ -223,9 +225,10 @@ def restore(manager, step: int, abstract_state, streams: list[int] | None = None
 
 
 def write_config(workdir: str, config):
+    """workdir/config.json, with the local paths absolute (core/config.py: PATH_FIELDS)."""
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+            f.write(with_absolute_paths(config).to_json_best_effort(indent=2, sort_keys=True))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -319,8 +322,8 @@ def check_resume(workdir: str, config, free: tuple[str, ...], allowed: tuple[str
     to check when the workdir has no checkpoint yet."""
     if not has_checkpoints(workdir):
         return []
-    saved = {**(added or {}), **_flatten(read_config(workdir).to_dict())}
-    new = _flatten(json.loads(config.to_json_best_effort()))
+    saved = {**(added or {}), **_flatten(with_absolute_paths(read_config(workdir)).to_dict())}
+    new = _flatten(json.loads(with_absolute_paths(config).to_json_best_effort()))
     changed = sorted(f for f in set(saved) | set(new) if saved.get(f, "<absent>") !=
                      new.get(f, "<absent>") and not _matches(f, free))
     refused = [f for f in changed if not _matches(f, allowed)]

@@ -47,3 +47,29 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     """'path/to/file.py[:arg]' -> that file's get_config(arg)."""
     path, _, arg = spec.partition(":")
     return load_module(path).get_config(arg or None)
+
+
+# The fields that name local files or folders. A run's config.json holds them absolute, so
+# that generate, evaluate or a resume read the same files from any directory (the demo gives
+# relative paths: workdir/demo/autoencoder).
+PATH_FIELDS = ("autoencoder.checkpoint", "data.tokenizer_model", "data.tfds_data_dir",
+               "data.coco_karpathy_json", "data.coco_image_root", "data.image_files_path",
+               "data.text_files_path", "data.latents_dir", "loss.lpips_vgg", "loss.lpips_lin")
+
+
+def absolute_path(value):
+    """A local relative path made absolute (from the current directory); empty values and URLs
+    (gs://...) as they are."""
+    if isinstance(value, str) and value and "://" not in value:
+        return os.path.abspath(value)
+    return value
+
+
+def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose PATH_FIELDS are absolute."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for field in PATH_FIELDS:
+        section, _, key = field.partition(".")
+        if section in config and key in config[section]:
+            config[section][key] = absolute_path(config[section][key])
+    return config
