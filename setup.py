@@ -32,6 +32,7 @@ setup(
         "transfusion-train-autoencoder=transfusion_jax.train_autoencoder:main",
         "transfusion-precompute=transfusion_jax.precompute:main",
         "transfusion-evaluate=transfusion_jax.evaluate:main",
+        "transfusion-sweep=transfusion_jax.sweep:main",
     ]},
     extras_require={
         # Test-only PyTorch references for the parity tests (LPIPS, SD VAE import); the library

@@ -18,7 +18,7 @@ import transfusion_jax
 PACKAGE = "transfusion_jax"
 LAYERS = {"core": 0, "data": 1, "models": 1, "diffusion": 2, "objectives": 2, "inference": 3,
           "evaluators": 4, "trainers": 5, "scaling": 4}
-ENTRY_POINTS = ("train", "train_autoencoder", "generate", "evaluate", "precompute")
+ENTRY_POINTS = ("train", "train_autoencoder", "generate", "evaluate", "precompute", "sweep")
 for _entry in ENTRY_POINTS:
     LAYERS[_entry] = 6
 
