@@ -8,8 +8,9 @@ run's VQ-VAE) and the checkpoint's params (the EMA params when the run kept them
 trainer evaluates), runs every evaluator of config.evals (or those named by --only, whatever
 their `every`) and writes their scalars to DIR/evals/<step>.json and their files to
 DIR/evals/<step>/<name>/, as training does. A Transfusion or Chameleon run's evaluators run on
-its mesh (config.mesh over this machine's devices), the params sharded as training shards them:
-the programs training's evaluations ran, so the numbers are training's.
+its mesh (config.mesh over this machine's devices; all of them along fsdp when it needs more, as
+for a pod run), the params sharded as training shards them: the programs training's evaluations
+ran, so the numbers are training's.
 """
 import json
 
@@ -17,7 +18,7 @@ import flax.linen as nn
 import jax
 from absl import flags
 
-from transfusion_jax.core import checkpoint, cli, sharding, train_state
+from transfusion_jax.core import checkpoint, cli, distributed, sharding
 from transfusion_jax.data.tokenizer import get_tokenizer
 from transfusion_jax.evaluators import common as evaluators
 from transfusion_jax.inference.loading import load_for_inference
@@ -50,12 +51,21 @@ def evaluate(workdir: str, step: int | None = None, only: tuple[str, ...] = ()) 
 
 def on_the_run_mesh(config, variables):
     """(mesh, variables): the run's mesh and its params placed with the shardings training gives
-    them (from the model's logical axis names and config.sharding_rules)."""
-    mesh = sharding.make_mesh(config.mesh)
-    model, tx = trainer.model_and_optimizer(config)
-    init_fn = trainer.make_init_fn(config, model, tx, trainer.init_inputs(config, 1))
-    shardings = train_state.state_shardings(init_fn, mesh, config.sharding_rules).params
-    return mesh, {**variables, "params": jax.device_put(variables["params"], shardings)}
+    them (from the model's logical axis names and config.sharding_rules); when config.mesh
+    needs more devices than this machine has (a pod run), all of them along fsdp."""
+    mesh, params = trainer.place_for_evaluation(config, variables["params"])
+    if not _fits(config.mesh, mesh.size):
+        distributed.log(f"evaluate: mesh {dict(config.mesh)} does not fit the {mesh.size} "
+                        f"devices here; evaluating on {dict(mesh.shape)}")
+    return mesh, {**variables, "params": params}
+
+
+def _fits(mesh_config, num_devices: int) -> bool:
+    try:
+        sharding.mesh_shape(mesh_config, num_devices)
+        return True
+    except ValueError:
+        return False
 
 
 def main():

@@ -71,6 +71,18 @@ def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | No
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def evaluation_mesh(mesh_config: Mapping[str, int],
+                    devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The run's mesh over `devices` when it fits them; else all of them on fsdp (params
+    sharded, batch split over them): evaluating a pod run on one host (`python -m
+    transfusion_jax.evaluate`, process 0 of a multi-process run)."""
+    devices = list(jax.devices() if devices is None else devices)
+    try:
+        return make_mesh(mesh_config, devices)
+    except ValueError:
+        return make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, devices)
+
+
 def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
     """config.sharding_rules (lists, for ml_collections) -> flax's tuple-of-pairs form."""
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from transfusion_jax import diffusion, objectives
@@ -322,6 +323,18 @@ def make_init_fn(config, model, tx, inputs):
 # ============================================================================ the loop
 
 
+def place_for_evaluation(config, params, devices=None):
+    """(mesh, params): `params` (host arrays, or arrays placed anyhow) placed as training shards
+    them, on the run's mesh over `devices` (default: all) or, when config.mesh does not fit
+    them, on all of them along fsdp (core/sharding.py:evaluation_mesh). Call the evaluators
+    under the mesh and the run's logical axis rules."""
+    mesh = sharding.evaluation_mesh(config.mesh, devices)
+    model, tx = model_and_optimizer(config)
+    init_fn = make_init_fn(config, model, tx, init_inputs(config, 1))
+    shardings = train_state.state_shardings(init_fn, mesh, config.sharding_rules).params
+    return mesh, jax.device_put(params, shardings)
+
+
 def train(config, workdir: str, data_streams: int | None = None,
           allow_config_changes: tuple[str, ...] = ()) -> dict:
     """Runs (or resumes) training in `workdir`; returns the last step's metrics.
@@ -427,21 +440,29 @@ def train(config, workdir: str, data_streams: int | None = None,
                 f"{manager.latest_step()} in {workdir}/checkpoints")
         return logged
 
-    # --- evaluators of config.evals, built once (single-process runs for now)
+    # --- evaluators of config.evals, built once
     evals = evaluators.from_config(
         config.get("evals"), evaluators.Context(config, tokenizer, codec, workdir),
         scheduled_only=True)
-    if evals and jax.process_count() > 1:
-        distributed.log("evals: evaluators run in single-process runs only; run "
-                        "python -m transfusion_jax.evaluate on the checkpoints")
-        evals = []
 
     def evaluate(step, state):
         due = [e for e in evals if e.due(step, config.total_steps)]
-        if due:  # on the run's mesh (the loop's), params sharded as training holds them
-            params = state.ema_params if state.ema_params is not None else state.params
+        if not due:
+            return
+        params = state.ema_params if state.ema_params is not None else state.params
+        if jax.process_count() == 1:  # on the run's mesh (the loop's), params as training shards them
             results = evaluators.run(due, {"params": params}, step, workdir, config)
-            writer.add_scalars(step, {f"eval/{key}": value for key, value in results.items()})
+        else:
+            # Several processes: the params gathered to every host (a collective), process 0
+            # evaluates on its own devices (as `python -m transfusion_jax.evaluate` on one
+            # host); the others go on to the next step, whose collectives wait for it.
+            host = multihost_utils.process_allgather(params, tiled=True)
+            if jax.process_index() != 0:
+                return
+            mesh, placed = place_for_evaluation(config, host, jax.local_devices())
+            with jax.set_mesh(mesh):
+                results = evaluators.run(due, {"params": placed}, step, workdir, config)
+        writer.add_scalars(step, {f"eval/{key}": value for key, value in results.items()})
 
     def save(step, state):  # every process, with the data streams it owns
         checkpoint.save(manager, step, state, pipeline.get_state(), force=True,
