@@ -1,8 +1,8 @@
 """Fault injection (issue 13): the CLI trainers as users run them, hit by kill -9 during a save
 and at a random moment, a full disk, and a save that hangs until SIGTERM. Each run after a
 fault resumes; the run that finally completes has the weights, bit for bit, and the metrics
-lines of a run that never saw a fault. The faults are patched in from outside the library
-(tests/fault_runner.py)."""
+lines of a run that never saw a fault; the autoencoder trainer then falls back past a damaged
+checkpoint. The faults are patched in from outside the library (tests/fault_runner.py)."""
 import json
 import os
 import random
@@ -105,7 +105,7 @@ def test_transfusion_trainer_survives_every_fault(tmp_path):
     assert not [f for f in os.listdir(faulted / "checkpoints") if "tmp" in f]
 
 
-def test_autoencoder_trainer_survives_kill_9(tmp_path):
+def test_autoencoder_trainer_survives_kill_9_and_a_damaged_checkpoint(tmp_path):
     straight, faulted = tmp_path / "straight", tmp_path / "faulted"
     rc, err = run("none", AUTOENCODER, straight)
     assert rc == 0, err[-3000:]
@@ -117,3 +117,13 @@ def test_autoencoder_trainer_survives_kill_9(tmp_path):
     assert_same_run(faulted, straight, 4)
     with open(faulted / "latent_stats.json") as a, open(straight / "latent_stats.json") as b:
         assert json.load(a) == json.load(b)
+
+    # Then its last checkpoint is damaged (torn metadata): the rerun sets it aside, resumes
+    # from step 2 and trains steps 3-4 to the same weights again.
+    with open(faulted / "checkpoints" / "4" / "state" / "_METADATA", "w") as f:
+        f.write("{torn")
+    os.remove(faulted / "latent_stats.json")
+    rc, err = run("none", AUTOENCODER, faulted)
+    assert rc == 0 and "cannot be restored" in err, err[-3000:]
+    assert os.listdir(faulted / "checkpoints_damaged") == ["4"]
+    assert_same_run(faulted, straight, 4)

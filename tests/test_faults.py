@@ -172,27 +172,6 @@ def test_a_non_finite_autoencoder_update_is_not_applied_and_stops_the_run(tmp_pa
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
 
 
-@pytest.mark.slow
-def test_a_damaged_autoencoder_checkpoint_is_set_aside_and_the_previous_one_resumes(tmp_path):
-    straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
-    with pytest.warns(UserWarning, match="LPIPS"):
-        ae_trainer.train(tiny_autoencoder(), straight)
-    shutil.copytree(straight, damaged)
-    os.remove(os.path.join(damaged, "latent_stats.json"))
-    with open(os.path.join(damaged, "checkpoints", "4", "state", "_METADATA"), "w") as f:
-        f.write("{torn")
-    with pytest.warns(UserWarning, match="LPIPS"):
-        ae_trainer.train(tiny_autoencoder(), damaged)
-    assert sorted(os.listdir(os.path.join(damaged, "checkpoints_damaged"))) == ["4"]
-    for name in ("params", "vq"):
-        jax.tree.map(np.testing.assert_array_equal,
-                     checkpoint.restore_subtrees(damaged, (name,)),
-                     checkpoint.restore_subtrees(straight, (name,)))
-    without_time = lambda w: [{k: v for k, v in r.items() if k != "wall_s"}  # noqa: E731
-                              for r in lines(w)]
-    assert without_time(damaged) == without_time(straight)
-
-
 def test_config_json_holds_absolute_paths_and_a_resume_compares_them(tmp_path, monkeypatch):
     """A relative autoencoder.checkpoint (the demo's) is saved absolute, so generate and evaluate
     read the run from any directory; a resume given the same path, relative or absolute, is the
