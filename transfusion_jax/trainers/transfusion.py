@@ -120,9 +120,6 @@ def check_config(config, num_devices: int):
         if model.patch_size != 1:
             raise ValueError(f"model.patch_size={model.patch_size}: a Chameleon image element is "
                              "one code id; expected 1")
-        if model.logits_chunk:
-            raise ValueError(f"model.logits_chunk={model.logits_chunk}: the Chameleon loss takes "
-                             "whole logits for now; expected 0")
     validate_data_config(data)
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
     data_parallel = mesh["data"] * mesh["fsdp"]
@@ -272,7 +269,10 @@ def _transfusion_parts(config, model, codec):
 
 def _chameleon_parts(config, model, codec):
     """(prepare, loss_fn, summarize) of the Chameleon baseline: images -> VQ code ids -> tokens
-    (models/chameleon.py: token_batch), one LM loss over every token plus the z-loss."""
+    (models/chameleon.py: token_batch), one LM loss over every token plus the z-loss. With
+    model.logits_chunk the model returns its hidden states and the loss applies the LM head per
+    chunk (objectives.chunked_sums), as Transfusion's."""
+    chunk = config.model.get("logits_chunk", 0)  # 0: whole logits; else the LM head per chunk
 
     def prepare(batch, key, ae_variables):
         if "latents" in batch:  # precomputed code ids
@@ -283,8 +283,10 @@ def _chameleon_parts(config, model, codec):
         return (tokens,), (tokens["text_weights"].sum(),)
 
     def loss_fn(params, tokens, normalizers):
-        out = model.apply({"params": params}, tokens)
-        return objectives.chameleon_loss(out["logits"], tokens, config.z_loss, normalizers)
+        variables = {"params": params}
+        out = model.apply(variables, tokens, logits=not chunk)
+        lm_head = functools.partial(model.apply, variables, method=chameleon.Chameleon.logits_of)
+        return objectives.chameleon_loss(out, tokens, config.z_loss, normalizers, lm_head, chunk)
 
     def summarize(m):  # per-token means of the text and image parts, from the summed terms
         return dict(m, lm_loss_text=m["lm_loss_text_sum"] / jnp.maximum(m["text_tokens"], 1.0),
