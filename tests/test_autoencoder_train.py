@@ -4,7 +4,6 @@ the files a run leaves (metrics, reconstruction grid, checkpoint), and the evalu
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -56,37 +55,15 @@ def test_identity_has_nothing_to_train(tmp_path):
 
 @pytest.fixture(scope="module")
 def vae_runs(tmp_path_factory):
-    """The tiny VAE trained 4 steps straight, and 2 steps + a resumed run to 4."""
-    def run(name, total_steps):
-        config = load_config("experiments/autoencoder.py:tiny,kind=vae")
-        config.total_steps, config.checkpoint_every = total_steps, 100
-        workdir = str(tmp_path_factory.mktemp(name))
-        with pytest.warns(UserWarning, match="LPIPS"):
-            train_autoencoder.train(config, workdir)
-        return workdir
-
-    straight = run("straight", 4)
-    resumed = run("resumed", 2)
+    """The tiny VAE trained 4 steps. (Its exact resume, after kill -9 and a damaged checkpoint:
+    tests/test_fault_injection.py; a resume with another config is refused by the check both
+    trainers share: tests/test_faults.py.)"""
     config = load_config("experiments/autoencoder.py:tiny,kind=vae")
     config.total_steps, config.checkpoint_every = 4, 100
-    with pytest.raises(ValueError, match="total_steps: 2 -> 4"):  # a resume keeps its config
-        train_autoencoder.train(config, resumed)
-    with pytest.warns(UserWarning, match="LPIPS"):  # unless the change is named as intended
-        train_autoencoder.train(config, resumed, allow_config_changes=("total_steps",))
-    return straight, resumed
-
-
-@pytest.mark.slow
-def test_vae_resume_is_bit_exact(vae_runs):
-    straight, resumed = vae_runs
-    _, a, stats_a = loader.load_frozen(straight)
-    _, b, stats_b = loader.load_frozen(resumed)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    assert stats_a == stats_b and stats_a["step"] == 4
-    lines = lambda d: [{k: v for k, v in json.loads(s).items() if k != "wall_s"}  # noqa: E731
-                       for s in open(os.path.join(d, "metrics.jsonl"))]
-    # The resumed run's file: the first run's steps 1-2, then 3-4.
-    assert lines(resumed) == lines(straight)
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    with pytest.warns(UserWarning, match="LPIPS"):
+        train_autoencoder.train(config, workdir)
+    return (workdir,)
 
 
 @pytest.mark.slow

@@ -190,3 +190,16 @@ def test_config_json_holds_absolute_paths_and_a_resume_compares_them(tmp_path, m
     config.autoencoder.checkpoint = "runs/other"
     with pytest.raises(ValueError, match="autoencoder.checkpoint: .*runs/ae' -> .*runs/other'"):
         checkpoint.check_resume(str(workdir), config, trainer.RESUME_FREE)
+
+
+def test_an_autoencoder_resume_with_another_config_is_refused_unless_allowed(tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "2").mkdir(parents=True)
+    checkpoint.write_config(str(workdir), tiny_autoencoder())
+    longer = tiny_autoencoder(total_steps=8)
+    with pytest.raises(ValueError, match=r"total_steps: 4 -> 8.*--allow_config_changes"):
+        checkpoint.check_resume(str(workdir), longer, ae_trainer.RESUME_FREE)
+    assert checkpoint.check_resume(str(workdir), longer, ae_trainer.RESUME_FREE,
+                                   ("total_steps",)) == ["total_steps"]
+    assert checkpoint.check_resume(str(workdir), tiny_autoencoder(log_every=3),
+                                   ae_trainer.RESUME_FREE) == []  # free: not listed

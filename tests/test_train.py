@@ -15,7 +15,6 @@ from PIL import Image
 from transfusion_jax.core import sharding, train_state
 from transfusion_jax.core.config import load_config
 from transfusion_jax.core.metrics import TIMING_KEYS
-from transfusion_jax.inference.loading import load_for_inference
 from transfusion_jax.models import example_inputs, patches_per_image
 from transfusion_jax.trainers import transfusion as trainer
 from rows import build_rows
@@ -164,9 +163,11 @@ def metrics_lines(workdir):
 
 
 @pytest.mark.slow
-def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
-    """100 steps straight; then 50 + stop + resume 50: same metrics lines, bit-equal params."""
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+def test_tiny_run_lowers_loss_and_its_checkpoints_evaluate_and_generate(tmp_path):
+    """100 steps: the loss falls, the shapes evaluator runs at its interval, the evaluate and
+    generate entry points read the workdir. (Exact resume, after stops and after faults:
+    tests/test_fault_injection.py, tests/test_chameleon.py.)"""
+    straight = tmp_path / "straight"
     out = cli(straight, "--config.evals.shapes.every=50", "--config.keep_checkpoints=4")
     assert out.returncode == 0, out.stderr[-3000:]
     for step in (50, 100):  # the tiny preset's shapes evaluator, at its interval
@@ -206,16 +207,6 @@ def test_tiny_run_lowers_loss_and_resumes_exactly(tmp_path):
     assert last < 0.8 * first, (first, last)
     assert os.listdir(straight / "tensorboard")
 
-    out = cli(resumed, "--config.stop_at_step=50")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert len(metrics_lines(resumed)) == 50
-    out = cli(resumed)
-    assert out.returncode == 0 and "resumed from" in out.stderr, out.stderr[-3000:]
-    assert metrics_lines(resumed) == lines
-    _, p_straight = load_for_inference(str(straight))
-    _, p_resumed = load_for_inference(str(resumed))
-    for a, b in zip(jax.tree.leaves(p_straight), jax.tree.leaves(p_resumed)):
-        assert np.array_equal(a, b)
 
 
 @pytest.mark.slow
