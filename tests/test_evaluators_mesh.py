@@ -60,3 +60,12 @@ def test_generating_evaluators_on_the_mesh(tmp_path):
     out = both_ways(tmp_path, {"captions": {"type": "captioning", "num": 2},
                                "denoising": {"type": "denoising", "num": 2}})
     assert out["captions/images"] == 2
+
+
+def test_a_mesh_larger_than_the_machine_evaluates_along_fsdp():
+    """A pod run's mesh on one host (evaluate; process 0 of a multi-process run)."""
+    devices = jax.devices()[:4]
+    assert dict(sharding.evaluation_mesh(MESH, devices).shape) == {"data": 1, "fsdp": 4,
+                                                                    "tensor": 1}
+    assert dict(sharding.evaluation_mesh({"data": 2, "fsdp": 2, "tensor": 1}, devices).shape) \
+        == {"data": 2, "fsdp": 2, "tensor": 1}  # the run's own when it fits
