@@ -56,6 +56,28 @@ class Scheduled:
         return self.every > 0 and (step % self.every == 0 or step == last_step)
 
 
+def read_jsonl_records(who: str, path: str, num: int | None, well_formed, expected: str) -> list:
+    """The first `num` (None: all) non-blank lines of a JSONL file, parsed; a line that is not
+    JSON or fails `well_formed(record)` stops with ValueError "<who>: <path>:<line>: expected
+    ..." (the ranked and geneval evaluators' inputs)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if num is not None and len(out) >= num:
+                break
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                ok = well_formed(record)
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{who}: {path}:{number}: expected {expected}")
+            out.append(record)
+    return out
+
+
 def check_config(evals) -> None:
     """Every entry of config.evals names a known type and a valid `every` (one of the run's
     checks at start, before anything is written)."""

@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from transfusion_jax.core import distributed
+from transfusion_jax.evaluators import common
 from transfusion_jax.inference import generation
 from transfusion_jax.inference.tasks import (Sampling, _check_lengths, image_codec, make_generator,
                                              to_uint8)
@@ -65,23 +66,10 @@ def read_metadata(path: str, num: int | None = None) -> list[dict]:
     if not os.path.isfile(path):
         raise ValueError(f"geneval: path={path!r}: no such file; expected GenEval's "
                          "prompts/evaluation_metadata.jsonl (or one like it)")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if num is not None and len(out) >= num:
-                break
-            if not line.strip():
-                continue
-            try:
-                metadata = json.loads(line)
-                ok = isinstance(metadata, dict) and isinstance(metadata.get("prompt"), str) \
-                    and bool(metadata["prompt"].strip())
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"geneval: {path}:{number}: expected a JSON object with a "
-                                 "non-empty \"prompt\" (GenEval's metadata lines)")
-            out.append(metadata)
+    out = common.read_jsonl_records(
+        "geneval", path, num, lambda m: isinstance(m, dict) and isinstance(m.get("prompt"), str)
+        and bool(m["prompt"].strip()),
+        "a JSON object with a non-empty \"prompt\" (GenEval's metadata lines)")
     if not out:
         raise ValueError(f"geneval: {path} has no prompts")
     return out

@@ -49,7 +49,7 @@ import numpy as np
 from transfusion_jax.core import distributed
 from transfusion_jax.data.config import resolve_max_images
 from transfusion_jax.data.documents import load_image
-from transfusion_jax.evaluators import llama_suite
+from transfusion_jax.evaluators import common, llama_suite
 from transfusion_jax.evaluators.perplexity import MODEL_KEYS, batches, make_scorer, pack_whole
 from transfusion_jax.evaluators.shapes_choices import shapes_questions
 from transfusion_jax.inference.tasks import image_codec
@@ -100,28 +100,16 @@ def read_jsonl(path: str, num: int | None = None) -> list[dict]:
         raise ValueError(f"ranked: path={path!r}: no such file; expected a JSONL of "
                          '{"context": str, "choices": [str, ...], "label": int}')
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if num is not None and len(out) >= num:
-                break
-            if not line.strip():
-                continue
-            try:
-                e = json.loads(line)
-                ok = _well_formed(e)
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise ValueError(f"ranked: {path}:{number}: expected {{\"context\": str, "
-                                 "\"choices\": [non-empty str, ...] (>= 2), \"label\": index} "
-                                 "or {\"contexts\": [non-empty str, ...] (>= 2), "
-                                 "\"continuation\": str, \"label\": index}")
-            if "contexts" in e:
-                out.append({"contexts": list(e["contexts"]), "continuation": e["continuation"],
-                            "label": e["label"]})
-            else:
-                out.append({"context": e["context"], "choices": list(e["choices"]),
-                            "label": e["label"]})
+    for e in common.read_jsonl_records(
+            "ranked", path, num, _well_formed,
+            '{"context": str, "choices": [non-empty str, ...] (>= 2), "label": index} or '
+            '{"contexts": [non-empty str, ...] (>= 2), "continuation": str, "label": index}'):
+        if "contexts" in e:
+            out.append({"contexts": list(e["contexts"]), "continuation": e["continuation"],
+                        "label": e["label"]})
+        else:
+            out.append({"context": e["context"], "choices": list(e["choices"]),
+                        "label": e["label"]})
     if not out:
         raise ValueError(f"ranked: {path} has no examples")
     return out
