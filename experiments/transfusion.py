@@ -74,6 +74,9 @@ def model_config(size: str, patch: str, patch_size: int) -> ml_collections.Confi
         rope_theta=10000.0, norm_eps=1e-5, qk_norm=False, norm_reorder=False,
         # Table 5: "bidirectional" (the paper's) or "causal" attention among an image's patches.
         image_attention="bidirectional",
+        # "none" (the paper's: a patch's place only through RoPE) or "learned" (a table of
+        # per-cell vectors added to the patch vectors); models/transfusion.py.
+        patch_position="none",
         # "auto": the fused kernel of the backend (Pallas splash on TPU, our Pallas Triton kernel
         # on GPU), blockwise with block skipping on CPU (README, "Attention kernels").
         attention="dense" if small else "auto", attention_block=512,

@@ -6,7 +6,8 @@ each leaf (`decay_mask`), never off its rank: `nn.scan` stacks the per-layer RMS
 [depth, dim], which a rank rule would decay. Decayed: the weight matrices, i.e. the kernels of
 Dense and conv layers (`kernel`), the attention projections (`query`, `key`, `value`, `out`),
 the token embedding (`embed`) and with it the LM head's kernel. Not decayed: norm scales
-(`scale`: RMSNorm, GroupNorm) and biases (`bias`). A parameter of another name is refused
+(`scale`: RMSNorm, GroupNorm), biases (`bias`) and the patches' position table
+(`patch_position`, as ViT and DiT leave theirs). A parameter of another name is refused
 (ValueError naming it) rather than guessed at: add it to DECAYED or NOT_DECAYED.
 """
 import jax
@@ -29,7 +30,7 @@ RULES = (
 
 # Parameter names (the last key of a leaf's path) by whether weight decay applies.
 DECAYED = frozenset({"kernel", "query", "key", "value", "out", "embed"})
-NOT_DECAYED = frozenset({"scale", "bias"})
+NOT_DECAYED = frozenset({"scale", "bias", "patch_position"})
 
 
 def learning_rate(opt, total_steps: int) -> optax.Schedule:

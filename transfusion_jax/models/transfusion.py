@@ -41,6 +41,7 @@ from transfusion_jax.models.transformer import Transformer
 
 
 IMAGE_ATTENTION = ("bidirectional", "causal")  # model.image_attention; the paper's default first
+PATCH_POSITION = ("none", "learned")  # model.patch_position; the paper's first
 VOCAB_MULTIPLE = 128  # the embedding's and LM head's vocab axis is padded to a multiple of this
 PADDED_LOGIT = -1e30  # the logit of a padded id: finite, so differences of logits stay finite
 
@@ -64,6 +65,16 @@ def vocab_logits(head_out, cfg):
 def image_attention(cfg) -> str:
     """model.image_attention (configs written before the field: "bidirectional")."""
     return choice(cfg, "model", "image_attention", "bidirectional", IMAGE_ATTENTION)
+
+
+def patch_position(cfg) -> str:
+    """model.patch_position (configs written before the field: "none").
+
+    "none" (the paper's): a patch vector carries its image position only through RoPE over
+    the 1D sequence. "learned": a learned [H/k, W/k, dim] table is added to the patch vectors
+    (as ViT and DiT do), so a patch knows its cell from its input even at t near T, where its
+    latent is noise; the demo recipe measured it (README, "The demo recipe")."""
+    return choice(cfg, "model", "patch_position", "none", PATCH_POSITION)
 
 
 def attention_mask_pos(cfg, batch):
@@ -106,6 +117,12 @@ class Transfusion(nn.Module):
         vocab = padded_vocab_size(c)
         self.embed = self.param("embed", logical(nn.initializers.normal(1.0), ("vocab", "embed")),
                                 (vocab, c.dim), jnp.float32)
+        if patch_position(c) == "learned":
+            # Initialised as the token embedding is: a cell as distinct as a token id.
+            grid = c.latent_size // c.patch_size
+            self.cell_embedding = self.param(
+                "patch_position", logical(nn.initializers.normal(1.0), (None, None, "embed")),
+                (grid, grid, c.dim), jnp.float32)
         self.patch_encoder, self.patch_decoder = patch_layers(c)
         self.transformer = Transformer(c, name="transformer")
         self.lm_head = Dense(vocab, ("embed", "vocab"), dtype=jnp.dtype(c.dtype), name="lm_head")
@@ -147,6 +164,8 @@ class Transfusion(nn.Module):
                              "(model.latent_size, model.latent_channels)")
         t = timesteps.reshape(b * m)
         grid, skips = self.patch_encoder(noised_images.reshape(b * m, size, size, ch), t)
+        if patch_position(c) == "learned":
+            grid = grid + self.cell_embedding.astype(grid.dtype)
         gh, gw = grid.shape[1:3]
         patches = grid.reshape(b, m * gh * gw, c.dim).astype(dtype)
 
