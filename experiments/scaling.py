@@ -12,7 +12,10 @@ SWEEP is
     vae=, vq= (the frozen autoencoders' workdirs, gs:// or shared), tokenizer= (the Llama 2
     sentencepiece model). Its metrics are those of Table 3, read from evaluators named c4, wiki,
     llama, coco_captions and coco_fid in the runs' evals (the Table 2 presets list none yet:
-    add them to the runs' config, or to experiments/transfusion.py, before analysing).
+    add them to the runs' config, or to experiments/transfusion.py, before analysing). Its
+    runs need real data, as every Table 2 preset (data.require_real_data): give the launcher
+    the mixture for every job after --, e.g. `-- --config.data.mixture='[...]'` (README, "Data
+    mixtures"); without it each run stops at start naming data.mixture.
   - micro: the same comparison on the shapes world on this 2-core CPU, 3 sizes x 2 budgets per
     family, plus the Table 5 (image attention causal) and Table 8 (no noise limit) switches at
     one size; about 77 minutes in all, estimated (below), never measured yet. No FID or CLIP

@@ -12,7 +12,9 @@ tiny's pixels.
 The demo departs from the paper where a measured sweep on the 2-core CPU said so (README, "The
 demo recipe"): v-prediction instead of eps, 4x4 latent patches, learning rate 3e-3, and a mix
 with more caption-image pairs (fewer text-only and interleaved documents, 40% image-first).
-The Table 2 presets keep the paper's settings.
+The Table 2 presets keep the paper's settings, and name no data: a run of one stops at start
+until data.mixture (or data.text_source / data.image_source) and data.tokenizer_model are set
+(data_config below shows the paper-like mixture as overrides to paste).
 mesh is a preset of transfusion_jax.core.sharding.MESH_PRESETS: dp (default), fsdp, fsdp_tensor.
 """
 import ml_collections
@@ -103,7 +105,20 @@ def data_config(size: str) -> ml_collections.ConfigDict:
                                tokenizer_vocab_size=512, text_to_patch_ratio=0.25,
                                shapes_interleaved_fraction=0.1, caption_first_prob=0.6)
     # Paper: rows of 4096, 2M elements per batch; the Llama 2 tokenizer (set tokenizer_model).
-    return get_data_config(seq_len=4096, batch_size=512, image_size=256)
+    # No data by default: a run stops at start (data.require_real_data; data/mixture.py,
+    # check_real_data) until data.mixture and data.tokenizer_model are set. The paper's mix (4.1:
+    # a text corpus and image-caption pairs "at a 1:1 token ratio", text tokens : patches), from
+    # a prepared TFDS C4 and img2dataset WebDataset shards, as overrides to paste:
+    #   --config.data.tokenizer_model=gs://BUCKET/llama2/tokenizer.model
+    #   --config.data.mixture='[
+    #     {"name": "c4", "text_source": "tfds", "tfds_name": "c4/en",
+    #      "tfds_data_dir": "gs://BUCKET/tfds", "weight": 1.0},
+    #     {"name": "images", "image_source": "webdataset",
+    #      "shards": "gs://BUCKET/images/{00000..01242}.tar", "weight": 1.0}]'
+    # (More image sets: more entries, weights in elements (patches); a "schedule" such as
+    # [[0.99, 3.0]] gives a source weight 3 over the last 1% of total_steps, as the paper's
+    # largest run upweights high-aesthetic images. README, "Data mixtures".)
+    return get_data_config(seq_len=4096, batch_size=512, image_size=256, require_real_data=True)
 
 
 def get_config(arg=None):

@@ -26,12 +26,18 @@ later in the train step; VQ-VAE: the int32 code ids) and writes the records, ima
 by their latents, in order into N contiguous shards, then manifest.json. The format is in
 transfusion_jax/data/latent_records.py. --autoencoder defaults to config.autoencoder.checkpoint.
 
+img2dataset shards (data.image_source webdataset / parquet, issue 15) are not indexed: they are
+encoded in their deterministic order (one epoch, no shuffle, every shard in data.shards' order,
+each in file order), latents shard k from source shard k (--shards does not apply); record i of
+DIR is then the i-th sample of that order, bad samples included as {"error": reason} records.
+
 One process encodes everything (on its first device); shapes-world and local-file sources are
 read with data.read_threads threads. Progress (records/s) goes to stderr every 10 s.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -48,6 +54,7 @@ from transfusion_jax.core import checkpoint, cli
 from transfusion_jax.data import latent_records
 from transfusion_jax.data.config import validate_data_config
 from transfusion_jax.data.documents import SkipDocument, load_image
+from transfusion_jax.data.shards import ShardSource
 from transfusion_jax.data.sources import build_image_source
 from transfusion_jax.models.autoencoder import loader
 from transfusion_jax.models.autoencoder.model import Autoencoder, downsample_factor
@@ -129,6 +136,11 @@ def encode_images(encoder: Encoder, pixels: list[np.ndarray], batch_size: int) -
 def read_record(source, index: int, image_size: int) -> tuple[Any, list[np.ndarray]]:
     """(source record i with each image replaced by its number in the returned pixel list, or
     by {"error": reason} where it does not load, as the pipeline would load it; pixels)."""
+    return record_template(source[index], image_size)
+
+
+def record_template(record, image_size: int) -> tuple[Any, list[np.ndarray]]:
+    """read_record of a record already read (a shard source's, which is not indexed)."""
     pixels = []
 
     def load(value):
@@ -138,7 +150,7 @@ def read_record(source, index: int, image_size: int) -> tuple[Any, list[np.ndarr
             return {"error": e.reason}
         return len(pixels) - 1  # a placeholder: an int, as no image value stays one
 
-    return latent_records.map_images(source[index], load), pixels
+    return latent_records.map_images(record, load), pixels
 
 
 def record_bytes(index: int, template, latents: list[np.ndarray]) -> bytes:
@@ -158,7 +170,7 @@ def record_bytes(index: int, template, latents: list[np.ndarray]) -> bytes:
 class _Progress:
     """records/s on stderr every `every_s` seconds and at the end."""
 
-    def __init__(self, total: int, every_s: float):
+    def __init__(self, total: int | None, every_s: float):  # None: not known (shards)
         self.total, self.every_s = total, every_s
         self.start = self.last = time.perf_counter()
 
@@ -168,10 +180,14 @@ class _Progress:
             return
         self.last = now
         rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate else float("inf")
-        print(f"precompute: {done}/{self.total} records ({100 * done / self.total:.1f}%), "
-              f"{images} images, {rate:.1f} records/s, {now - self.start:.0f}s elapsed"
-              + ("" if final else f", eta {eta:.0f}s"), file=sys.stderr, flush=True)
+        if self.total is None:
+            where, eta = f"{done} records", ""
+        else:
+            left = (self.total - done) / rate if rate else float("inf")
+            where = f"{done}/{self.total} records ({100 * done / self.total:.1f}%)"
+            eta = "" if final else f", eta {left:.0f}s"
+        print(f"precompute: {where}, {images} images, {rate:.1f} records/s, "
+              f"{now - self.start:.0f}s elapsed{eta}", file=sys.stderr, flush=True)
 
 
 def _check_out(out: str, overwrite: bool) -> list[str]:
@@ -202,7 +218,7 @@ def precompute(config, out: str, *, autoencoder: str = "", shards: int = 1,
     validate_data_config(data)
     if data.image_source in ("none", "latents"):
         raise ValueError(f"data.image_source = {data.image_source!r}: expected a source of "
-                         "images to encode (shapes, coco, image_files)")
+                         "images to encode (shapes, coco, image_files, webdataset, parquet)")
     if shards < 1 or batch_size < 1:
         field, value = ("--shards", shards) if shards < 1 else ("--batch_size", batch_size)
         raise ValueError(f"{field} = {value}: expected an integer >= 1")
@@ -211,16 +227,22 @@ def precompute(config, out: str, *, autoencoder: str = "", shards: int = 1,
     encoder = load_encoder(ae_dir, data.image_size, batch_size)
     _check_family(config, ae_dir, encoder.kind)
     source = build_image_source(data)
-    if shards > len(source):
+    stream = isinstance(source, ShardSource)  # img2dataset shards: not indexed
+    if not stream and shards > len(source):
         raise ValueError(f"--shards = {shards}: the source has only {len(source)} records; "
                          "expected at most one shard per record")
     os.makedirs(out, exist_ok=True)
     for f in previous:
         os.remove(os.path.join(out, f))
-    counts = _write_shards(data, source, encoder, out, shards, batch_size,
-                           _Progress(len(source), log_every_s))
+    if stream:
+        counts = _write_source_shards(data, source, encoder, out, batch_size,
+                                      _Progress(None, log_every_s))
+    else:
+        counts = _write_shards(data, source, encoder, out, shards, batch_size,
+                               _Progress(len(source), log_every_s))
+    num_records = sum(s["num_records"] for s in counts["shards"])
     manifest = {"format": latent_records.FORMAT, "kind": encoder.kind, "dtype": latent_records.KINDS[encoder.kind],
-                "latent_shape": list(encoder.latent_shape), "num_records": len(source),
+                "latent_shape": list(encoder.latent_shape), "num_records": num_records,
                 **counts, "autoencoder": encoder.info, "data": data.to_dict()}
     tmp = os.path.join(out, latent_records.MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -257,17 +279,50 @@ def _write_shards(data, source, encoder: Encoder, out: str, num_shards: int, bat
             for start in range(lo, hi, chunk):
                 indices = range(start, min(start + chunk, hi))
                 read = list(pool.map(lambda i: read_record(source, i, data.image_size), indices))
-                pixels = [p for _, ps in read for p in ps]
-                latents = encode_images(encoder, pixels, batch_size) if pixels else []
-                at = 0
-                for i, (template, ps) in zip(indices, read):
-                    writer.write(record_bytes(i, template, latents[at:at + len(ps)]))
-                    at += len(ps)
-                done, images = done + len(indices), images + len(pixels)
-                failed += sum(_errors(t) for t, _ in read)
+                n_images, n_failed = _write_chunk(writer, start, read, encoder, batch_size)
+                done, images, failed = done + len(indices), images + n_images, failed + n_failed
                 progress.update(done, images)
             writer.close()
             shards.append({"file": name, "num_records": hi - lo})
+    progress.update(done, images, final=True)
+    return {"num_images": images, "num_failed_images": failed, "shards": shards}
+
+
+def _write_chunk(writer, first_index: int, read, encoder: Encoder, batch_size: int):
+    """Encodes the images of consecutive record templates and writes the records; returns
+    (images encoded, images that failed to load)."""
+    pixels = [p for _, ps in read for p in ps]
+    latents = encode_images(encoder, pixels, batch_size) if pixels else []
+    at = 0
+    for i, (template, ps) in enumerate(read, start=first_index):
+        writer.write(record_bytes(i, template, latents[at:at + len(ps)]))
+        at += len(ps)
+    return len(pixels), sum(_errors(t) for t, _ in read)
+
+
+def _write_source_shards(data, source: ShardSource, encoder: Encoder, out: str, batch_size: int,
+                         progress: _Progress) -> dict:
+    """A shard source (img2dataset tar / Parquet, issue 15) in its deterministic order: one
+    epoch, no shuffle, every shard, each read in file order. Latents shard k holds source
+    shard k's records (--shards does not apply), so record i of the folder is the i-th record
+    of source.records(); bad samples keep their place as {"error": reason} records."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    chunk = 4 * batch_size
+    done = images = failed = 0
+    shards = []
+    with ThreadPoolExecutor(max(1, data.read_threads)) as pool:
+        for k in range(len(source.paths)):
+            name = latent_records.shard_name(k, len(source.paths))
+            writer = ArrayRecordWriter(os.path.join(out, name), "group_size:1")
+            records, first = source.shard_records(k), done
+            while batch := list(itertools.islice(records, chunk)):
+                read = list(pool.map(lambda r: record_template(r, data.image_size), batch))
+                n_images, n_failed = _write_chunk(writer, done, read, encoder, batch_size)
+                done, images, failed = done + len(batch), images + n_images, failed + n_failed
+                progress.update(done, images)
+            writer.close()
+            shards.append({"file": name, "num_records": done - first})
     progress.update(done, images, final=True)
     return {"num_images": images, "num_failed_images": failed, "shards": shards}
 

@@ -72,4 +72,8 @@ def with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.Con
         section, _, key = field.partition(".")
         if section in config and key in config[section]:
             config[section][key] = absolute_path(config[section][key])
+    if "data" in config and config.data.get("mixture"):  # each source's own path fields
+        config.data.mixture = tuple(
+            {k: absolute_path(v) if f"data.{k}" in PATH_FIELDS else v for k, v in entry.items()}
+            if isinstance(entry, dict) else entry for entry in config.data.mixture)
     return config

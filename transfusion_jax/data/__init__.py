@@ -15,7 +15,8 @@ Modules: config (the data ConfigDict), shapes/ (the embedded shapes world: world
 held-out scenes, and their parsers), tokenizer, sources, documents (records -> documents),
 packing (documents -> rows), mixing (text:patch ratio), pipeline (Grain), host_data (a host's
 rows of the global batch, from its data streams), counters (pipeline metrics), latent_records
-(precomputed latents: the format transfusion_jax.precompute writes, and their source).
+(precomputed latents: the format transfusion_jax.precompute writes, and their source), shards
+(img2dataset's WebDataset tar and Parquet shards, streamed in a seeded shard order).
 """
 from transfusion_jax.data.config import get_data_config
 from transfusion_jax.data.pipeline import DataPipeline, make_pipeline

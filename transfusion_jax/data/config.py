@@ -8,7 +8,8 @@ from __future__ import annotations
 import ml_collections
 
 TEXT_SOURCES = ("shapes", "tfds", "text_files", "none")
-IMAGE_SOURCES = ("shapes", "coco", "image_files", "latents", "none")
+IMAGE_SOURCES = ("shapes", "coco", "image_files", "latents", "webdataset", "parquet", "none")
+SHARD_SOURCES = ("webdataset", "parquet")  # img2dataset output, read by data/shards.py
 SHAPES_SPLITS = ("train", "heldout")
 
 
@@ -17,6 +18,14 @@ def _defaults() -> ml_collections.ConfigDict:
     # Where documents come from: a text-only stream and an image stream, mixed by token ratio.
     c.text_source = "shapes"
     c.image_source = "shapes"
+    # Or any number of weighted text and image-text sources (data/mixture.py: each entry a
+    # source and its fields, a weight in elements, an optional step schedule); when non-empty,
+    # text_source, image_source and text_to_patch_ratio are not read. A tuple, so that the
+    # command line can set it: --config.data.mixture='[{"name": "c4", ...}, {...}]'.
+    c.mixture = ()
+    # True (the Table 2 presets): a run refuses the shapes world and a tokenizer trained on the
+    # spot (data/mixture.py: check_real_data); false trains on them whatever the model's size.
+    c.require_real_data = False
     # Rows and batches.
     c.seq_len = 4096  # L, elements per row
     c.batch_size = 8  # global rows per step; each host yields batch_size // host count
@@ -66,6 +75,13 @@ def _defaults() -> ml_collections.ConfigDict:
     c.text_files_path = ""  # a .txt (one document a line), a .jsonl ({"text": ...}) or a folder of .txt
     # Precomputed latents (python -m transfusion_jax.precompute --out DIR): image_source "latents".
     c.latents_dir = ""
+    # Image-text shards as img2dataset writes them (image_source "webdataset": .tar shards of
+    # KEY.jpg + KEY.txt/.json; "parquet": image bytes + caption columns), data/shards.py.
+    c.shards = ""  # comma-separated paths or globs, local or gs://, with {00000..01242} ranges
+    c.shard_image_key = "jpg;jpeg;png;webp"  # tar member extensions / Parquet column, first present
+    c.shard_caption_key = "caption"  # the .json's key (tar; else the .txt) / the Parquet column
+    c.min_image_size = 0  # skip images whose shorter side is below this (pixels); 0: none
+    c.cycle_length = 4  # shards each worker reads at once, a sample from each in turn
     return c
 
 
@@ -132,9 +148,34 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
            c.image_files_path, "a path when image_source is 'image_files'")
     _check(c.image_source != "latents" or bool(c.latents_dir), "latents_dir", c.latents_dir,
            "the --out folder of transfusion_jax.precompute when image_source is 'latents'")
+    _check_shards(c)
     for field in ("coco_karpathy_json", "coco_image_root"):
         _check(c.image_source != "coco" or bool(c[field]), field, c[field],
                "a path when image_source is 'coco'")
+    _check(isinstance(c.get("require_real_data", False), bool), "require_real_data",
+           c.get("require_real_data"), "true or false")
+    from transfusion_jax.data.mixture import validate_mixture  # it validates each source's config
+
+    validate_mixture(c, validate_data_config)
+
+
+def _check_shards(c: ml_collections.ConfigDict) -> None:
+    """The shard fields (issue 15); `shards` is only required of a shard image source."""
+    shards = c.get("shards", "")
+    _check(isinstance(shards, (str, list, tuple)), "shards", shards,
+           "comma-separated paths or globs (a string), or a list of them")
+    listed = shards.strip(" ,") if isinstance(shards, str) else list(shards)
+    _check(c.image_source not in SHARD_SOURCES or bool(listed), "shards", shards,
+           f"paths or globs of img2dataset's shards when image_source is {c.image_source!r} "
+           "(e.g. 'gs://bucket/cc12m/{00000..01242}.tar')")
+    for field in ("shard_image_key", "shard_caption_key"):
+        value = c.get(field, "x")
+        _check(isinstance(value, str) and bool(value.strip(" ;")), field, value,
+               "a non-empty string (a tar member extension or Parquet column name)")
+    _check(c.get("min_image_size", 0) >= 0, "min_image_size", c.get("min_image_size", 0),
+           "an integer >= 0 (pixels of the shorter side; 0: no filter)")
+    _check(c.get("cycle_length", 1) >= 1, "cycle_length", c.get("cycle_length", 1),
+           "an integer >= 1 (shards open at once per worker)")
 
 
 def resolve_max_images(c: ml_collections.ConfigDict, patches_per_image: int) -> int:

@@ -46,15 +46,18 @@ def stream_rows(batch_size: int, num_streams: int, lo: int, hi: int):
 class HostData:
     """next() -> this process's rows (the batch contract, numpy: `images`, or `latents` for
     precomputed VAE latents or VQ code ids); states per stream. `latent_shape`: see
-    make_pipeline ((h, w, C) for Transfusion, (h, w) for Chameleon)."""
+    make_pipeline ((h, w, C) for Transfusion, (h, w) for Chameleon); `total_steps`: the run's,
+    for a data.mixture's weight schedules."""
 
     def __init__(self, config, *, patches_per_image: int, tokenizer, num_streams: int,
-                 rows: tuple[int, int], latent_shape: tuple[int, ...] | None = None):
+                 rows: tuple[int, int], latent_shape: tuple[int, ...] | None = None,
+                 total_steps: int | None = None):
         self.num_streams = num_streams
         self._rows = stream_rows(config.batch_size, num_streams, *rows)
         self._pipelines = {s: make_pipeline(config, patches_per_image=patches_per_image,
                                             tokenizer=tokenizer, shard_index=s,
-                                            shard_count=num_streams, latent_shape=latent_shape)
+                                            shard_count=num_streams, latent_shape=latent_shape,
+                                            total_steps=total_steps)
                            for s in self._rows}
         self.max_images = next(iter(self._pipelines.values())).max_images
         # The process holding a stream's first row saves its state: exactly one per stream.
@@ -84,11 +87,11 @@ class HostData:
 
     def metrics(self) -> dict[str, float]:
         """Counters of the streams this process owns (on process 0: what the log shows)."""
-        owned = [self._pipelines[s].metrics() for s in self.owned] or \
-            [next(iter(self._pipelines.values())).metrics()]
-        if len(owned) == 1:
-            return owned[0]
-        return counters.with_rates({k: sum(part[k] for part in owned) for k in counters.COUNTERS})
+        pipelines = [self._pipelines[s] for s in self.owned] or \
+            [next(iter(self._pipelines.values()))]
+        owned = [p.counts() for p in pipelines]
+        return counters.with_rates({k: sum(part[k] for part in owned) for k in counters.COUNTERS},
+                                   pipelines[0].mixture)
 
     def close(self) -> None:
         for pipeline in self._pipelines.values():

@@ -115,9 +115,8 @@ class PackIterDataset(grain.IterDataset):
                  num_timesteps: int, latent_shape: tuple[int, ...] | None = None,
                  split_text: bool = False):
         super().__init__(parent)
-        self.layout = dict(L=seq_len, M=max_images, P=patches_per_image, image_size=image_size,
-                           pad_id=pad_id, boi_id=boi_id, num_timesteps=num_timesteps,
-                           latent_shape=latent_shape)
+        self.layout = _layout(seq_len, max_images, patches_per_image, image_size, pad_id, boi_id,
+                              num_timesteps, latent_shape)
         self.split_text = split_text
 
     def __iter__(self):
@@ -125,6 +124,23 @@ class PackIterDataset(grain.IterDataset):
 
     def __str__(self):
         return f"PackIterDataset({self.layout})"
+
+
+def _layout(seq_len, max_images, patches_per_image, image_size, pad_id, boi_id, num_timesteps,
+            latent_shape) -> dict:
+    return dict(L=seq_len, M=max_images, P=patches_per_image, image_size=image_size,
+                pad_id=pad_id, boi_id=boi_id, num_timesteps=num_timesteps,
+                latent_shape=latent_shape)
+
+
+def pack_iterator(parent: grain.DatasetIterator, *, seq_len: int, max_images: int,
+                  patches_per_image: int, image_size: int, pad_id: int, boi_id: int,
+                  num_timesteps: int, latent_shape: tuple[int, ...] | None = None,
+                  split_text: bool = False) -> grain.DatasetIterator:
+    """PackIterDataset's iterator over an iterator of documents (the scheduled mixer starts a
+    new packer over its mixer at a weight change, data/mixing.py)."""
+    return _PackIterator(parent, _layout(seq_len, max_images, patches_per_image, image_size,
+                                         pad_id, boi_id, num_timesteps, latent_shape), split_text)
 
 
 class _PackIterator(grain.DatasetIterator):
@@ -195,6 +211,11 @@ class _PackIterator(grain.DatasetIterator):
         row[COUNTS_KEY] = counts + counters.counts(
             rows=1, text_tokens=text, patches=patches, padding=L - text - patches)
         return row
+
+    def drop_pending(self) -> None:
+        """Forgets the document in progress (read, not yet wholly placed): the next row starts
+        with a new document. The scheduled mixer's weight change (data/mixing.py)."""
+        self._doc, self._offset, self._resume_offset = None, 0, 0
 
     def get_state(self) -> dict:
         if self._doc is None:

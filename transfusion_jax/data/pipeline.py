@@ -3,6 +3,8 @@
     per stream:  source -> global shuffle (seed, reshuffled each epoch) -> host shard
                  -> repeat -> documents (seeded per record) -> to_iter_dataset
     then:        ratio mix -> pack rows -> batch -> worker processes (optional)
+    or, with data.mixture (data/mixture.py): one stream per source, each seeded by its name,
+                 then weighted mix + pack, the weights by step (mixing.py) -> batch -> workers
 
 Batches are a function of (config, seed, P, shard, worker_count) and the step: the shuffle and
 every per-document draw are seeded by record index, and the packer/mixer states are part of
@@ -22,13 +24,15 @@ import json
 import grain
 import numpy as np
 
-from transfusion_jax.data import counters
+from transfusion_jax.data import counters, mixture
 from transfusion_jax.data.config import resolve_max_images, validate_data_config
 from transfusion_jax.data.documents import DocumentBuilder
 from transfusion_jax.data.latent_records import LatentsSource, check_latents
-from transfusion_jax.data.mixing import RatioMixIterDataset
+from transfusion_jax.data.mixing import RatioMixIterDataset, ScheduledMixPackIterDataset
 from transfusion_jax.data.packing import COUNTS_KEY, PackIterDataset
-from transfusion_jax.data.sources import build_sources
+from transfusion_jax.data.shards import DocumentMapIterDataset, ShardSource
+from transfusion_jax.data.sources import (build_image_source, build_mixture_sources, build_sources,
+                                          build_text_source)
 
 _STATE_FORMAT = 1
 
@@ -59,6 +63,39 @@ def _use_default_flags_if_unparsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def source_stream(config, source, builder, stream: int, *, shard_index: int,
+                  shard_count: int) -> grain.IterDataset | None:
+    """One source's documents for one host, as a Grain IterDataset; None for no source.
+
+    `source`: an indexed source (sources.py), globally shuffled per epoch and split by host
+    (record i::shard_count of the shuffle), or a ShardSource (img2dataset shards, issue 15),
+    whose shards are shuffled and dealt to hosts and workers per epoch by shards.py. Either
+    way `builder` (a DocumentBuilder) makes each record a document with random draws seeded
+    by (config.seed, stream) and the record. `source` may also be "text" or "image": the
+    config's text_source / image_source, built here (a mixture builds one per entry)."""
+    if isinstance(source, str):  # "text" or "image"
+        source = (build_text_source if source == "text" else build_image_source)(config)
+    if source is None:
+        return None
+    shuffle_seed, document_seed = _seeds(config.seed, stream)
+    if isinstance(source, ShardSource):
+        ds = source.dataset(seed=shuffle_seed, num_epochs=config.num_epochs,
+                            shard_index=shard_index, shard_count=shard_count,
+                            worker_count=config.worker_count)
+        return DocumentMapIterDataset(ds, builder, seed=document_seed,
+                                      num_threads=config.read_threads,
+                                      buffer_size=config.read_buffer_size)
+    if len(source) < shard_count:
+        raise ValueError(f"a source of {len(source)} documents cannot be split over "
+                         f"{shard_count} hosts; expected at least one document per host")
+    ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
+    ds = ds[shard_index::shard_count]
+    ds = ds.repeat(config.num_epochs or None)
+    ds = ds.random_map(builder, seed=document_seed)
+    return ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size))
+
+
 class DataPipeline:
     """An iterator of per-host batches: dicts of numpy arrays, exactly the batch contract.
 
@@ -70,11 +107,15 @@ class DataPipeline:
     (image_source "latents"): (h, w, C) VAE latents (Transfusion), (h, w) VQ code ids
     (Chameleon); a folder of another kind or shape is an error at start. Without it the folder
     must hold VAE latents (latent_records.expected_kind), of any shape the patches fit.
+
+    With data.mixture (data/mixture.py) the documents come from its weighted sources, and
+    `total_steps` (the run's) places the steps of the weights' schedules; metrics() then
+    reports each source's realised share, mix/<name>/share (of elements) and document_share.
     """
 
     def __init__(self, config, *, patches_per_image: int, tokenizer,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 latent_shape: tuple[int, ...] | None = None):
+                 latent_shape: tuple[int, ...] | None = None, total_steps: int | None = None):
         validate_data_config(config)
         self.max_images = resolve_max_images(config, patches_per_image)  # raises if P + 2 > L
         self.patches_per_image = patches_per_image = int(patches_per_image)
@@ -91,25 +132,21 @@ class DataPipeline:
                         "shard_index": self.shard_index, "shard_count": self.shard_count,
                         "worker_count": config.worker_count, "text_source": config.text_source,
                         "image_source": config.image_source}
+        self.mixture = mixture.names(config)  # () without a data.mixture
+        if self.mixture:  # a state of other sources would not fit these streams
+            self._layout["mixture"] = list(self.mixture)
+        self.total_steps = total_steps
         self._dataset = self._build(config, tokenizer, latent_shape)
         self._iterator = iter(self._dataset)
         self._counts = np.zeros(len(counters.COUNTERS), np.int64)
 
     def _stream(self, source, builder, stream: int, config) -> grain.IterDataset | None:
-        if source is None:
-            return None
-        if len(source) < self.shard_count:
-            raise ValueError(f"a source of {len(source)} documents cannot be split over "
-                             f"{self.shard_count} hosts; expected at least one document per host")
-        shuffle_seed, document_seed = _seeds(config.seed, stream)
-        ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed)
-        ds = ds[self.shard_index::self.shard_count]
-        ds = ds.repeat(config.num_epochs or None)
-        ds = ds.random_map(builder, seed=document_seed)
-        return ds.to_iter_dataset(grain.ReadOptions(
-            num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer_size))
+        return source_stream(config, source, builder, stream, shard_index=self.shard_index,
+                             shard_count=self.shard_count)
 
     def _build(self, config, tokenizer, latent_shape) -> grain.IterDataset:
+        if self.mixture:
+            return self._batches(config, self._mixture_rows(config, tokenizer, latent_shape))
         text_source, image_source = build_sources(config)
         self.latent_shape = None  # pixels
         if isinstance(image_source, LatentsSource):
@@ -130,12 +167,46 @@ class DataPipeline:
             patches_per_image=self.patches_per_image, image_size=config.image_size,
             pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps,
             latent_shape=self.latent_shape, split_text=config.pack_split_text)
+        return self._batches(config, rows)
+
+    def _batches(self, config, rows: grain.IterDataset) -> grain.IterDataset:
         batches = rows.batch(self.batch_size, drop_remainder=True)
         if config.worker_count:
             _use_default_flags_if_unparsed()
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
         return batches
+
+    def _mixture_rows(self, config, tokenizer, latent_shape) -> grain.IterDataset:
+        """data.mixture: each entry's source as its own stream (its sub-config, its own seed
+        stream, mixture.stream_index), mixed at the weights of each step, packed into rows."""
+        streams = {}
+        configs = [mixture.entry_config(config, i) for i in range(len(self.mixture))]
+        sources = build_mixture_sources(config)
+        latents = [i for i, source in enumerate(sources) if isinstance(source, LatentsSource)]
+        pixels = [i for i, sub in enumerate(configs)
+                  if sub.image_source != "none" and i not in latents]
+        if latents and pixels:  # one batch holds images or latents, never both
+            raise ValueError(f"data.mixture[{latents[0]}].image_source = 'latents' next to "
+                             f"data.mixture[{pixels[0]}].image_source = "
+                             f"{configs[pixels[0]].image_source!r}: expected every image source "
+                             "precomputed (python -m transfusion_jax.precompute) or none")
+        self.latent_shape = None  # pixels
+        for i in latents:
+            check_latents(sources[i], image_size=config.image_size,
+                          patches_per_image=self.patches_per_image,
+                          latent_shape=latent_shape or self.latent_shape)
+            self.latent_shape = sources[i].latent_shape
+        for i, (entry, sub, source) in enumerate(zip(mixture.entries(config), configs, sources)):
+            builder = _document_builder(sub, tokenizer, self.patches_per_image, self.latent_shape)
+            streams[entry["name"]] = self._stream(source, builder, mixture.stream_index(entry),
+                                                  sub)
+        return ScheduledMixPackIterDataset(
+            streams, mixture.phases(config, self.total_steps), rows_per_batch=self.batch_size,
+            seq_len=config.seq_len, max_images=self.max_images,
+            patches_per_image=self.patches_per_image, image_size=config.image_size,
+            pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps,
+            latent_shape=self.latent_shape, split_text=config.pack_split_text)
 
     def __iter__(self):
         return self
@@ -162,8 +233,14 @@ class DataPipeline:
         self._counts = np.array([state["counts"].get(n, 0) for n in counters.COUNTERS], np.int64)
 
     def metrics(self) -> dict[str, float]:
-        """Counters (documents, skipped_<reason>, rows, text_tokens, patches, ...) and rates."""
-        return counters.with_rates(counters.as_dict(self._counts))
+        """Counters (documents, skipped_<reason>, rows, text_tokens, patches, ...) and rates;
+        with a data.mixture, each source's mix/<name>/{elements, documents, share,
+        document_share} (counters.with_rates)."""
+        return counters.with_rates(self.counts(), self.mixture)
+
+    def counts(self) -> dict[str, int]:
+        """The raw counters of everything consumed so far (several pipelines' add up)."""
+        return counters.as_dict(self._counts)
 
     def close(self) -> None:
         close = getattr(self._iterator, "close", None)
@@ -173,14 +250,26 @@ class DataPipeline:
 
 def make_pipeline(config, *, patches_per_image: int, tokenizer,
                   shard_index: int | None = None, shard_count: int | None = None,
-                  latent_shape: tuple[int, ...] | None = None) -> DataPipeline:
+                  latent_shape: tuple[int, ...] | None = None,
+                  total_steps: int | None = None) -> DataPipeline:
     """The trainer's entry point. `config` is the data ConfigDict (`config.data`);
     `patches_per_image` = (image_size / downsample / patch_size)^2 of the model;
     shard defaults: this host, jax.process_index() of jax.process_count();
     `latent_shape`: what the model reads of one precomputed image (image_source "latents"),
     checked against the folder when given: (latent_size, latent_size, latent_channels) of a
     Transfusion model (VAE latents), (latent_size, latent_size) of a Chameleon model (VQ code
-    ids; int32 `latents` [B, M, h, w] in its batches)."""
+    ids; int32 `latents` [B, M, h, w] in its batches); `total_steps`: the run's, which a
+    data.mixture weight schedule needs (its switches are fractions of it)."""
     return DataPipeline(config, patches_per_image=patches_per_image, tokenizer=tokenizer,
                         shard_index=shard_index, shard_count=shard_count,
-                        latent_shape=latent_shape)
+                        latent_shape=latent_shape, total_steps=total_steps)
+
+
+def _document_builder(config, tokenizer, patches_per_image: int, latent_shape) -> DocumentBuilder:
+    """One source's DocumentBuilder: its caption_first_prob and p_uncond, the run's rest."""
+    return DocumentBuilder(
+        tokenizer, patches_per_image=patches_per_image, image_size=config.image_size,
+        caption_first_prob=config.caption_first_prob, p_uncond=config.p_uncond,
+        num_timesteps=config.num_timesteps, latent_shape=latent_shape,
+        noise_limit=config.get("noise_limit", True),
+        mix_patches_per_image=config.get("mix_patches_per_image", 0))

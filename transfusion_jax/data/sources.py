@@ -5,16 +5,21 @@ globally, shard it by host and hand it to worker processes. Sources only index a
 decoding and validation happens in documents.py, so a bad record becomes a counted skip there
 (a record {"error": reason} carries a problem found while reading). LatentsSource
 (latent_records.py) reads the images of one of these sources precomputed as latents.
+ShardSource (shards.py: img2dataset's tar and Parquet shards) is the exception: it is not
+indexed, it streams its shards in a seeded order of its own (pipeline.source_stream).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
 import numpy as np
 
+from transfusion_jax.data import mixture
 from transfusion_jax.data.shapes import text as shapes_text
 from transfusion_jax.data.latent_records import LatentsSource
+from transfusion_jax.data.shards import FORMATS as SHARD_FORMATS, ShardSource
 from transfusion_jax.data.shapes.world import scene_rng
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -207,6 +212,10 @@ def build_image_source(c):
                                            splits=c.coco_split),
         "image_files": lambda: ImageFilesSource(c.image_files_path),
         "latents": lambda: LatentsSource(c.latents_dir),
+        **{fmt: (lambda fmt=fmt: ShardSource(
+            fmt, c.shards, image_key=c.shard_image_key, caption_key=c.shard_caption_key,
+            min_image_size=c.min_image_size, cycle_length=c.cycle_length))
+           for fmt in SHARD_FORMATS},
         "none": lambda: None,
     }[c.image_source]())
 
@@ -216,13 +225,20 @@ def build_sources(c) -> tuple[object | None, object | None]:
     return build_text_source(c), build_image_source(c)
 
 
+def build_mixture_sources(c) -> list:
+    """The source of each data.mixture entry, in order (data/mixture.py: entry_config)."""
+    return [(build_text_source if mixture.kind(entry) == "text" else build_image_source)(
+        mixture.entry_config(c, i)) for i, entry in enumerate(mixture.entries(c))]
+
+
 def _shapes_args(c) -> dict:
     return dict(seed=c.shapes_seed, split=c.shapes_split, num_documents=c.shapes_num_documents,
                 image_size=c.image_size, interleaved_fraction=c.shapes_interleaved_fraction)
 
 
 def _non_empty(c, name: str, source):
-    if source is not None and len(source) == 0:
+    # A shard source is not indexed: resolve_shards has already refused an empty shard list.
+    if source is not None and not isinstance(source, ShardSource) and len(source) == 0:
         raise ValueError(f"data.{name} = {c[name]!r}: the source has no documents")
     return source
 
@@ -244,9 +260,13 @@ def record_texts(record: dict) -> list[str]:
 
 def sample_texts(c, count: int) -> list[str]:
     """Up to `count` texts from the start of the configured sources, half from each."""
-    sources = [s for s in build_sources(c) if s is not None]
+    sources = [s for s in (build_mixture_sources(c) if mixture.entries(c) else build_sources(c))
+               if s is not None]
     texts = []
     for source in sources:
-        for i in range(min(len(source), count // len(sources))):
-            texts.extend(record_texts(source[i]))
+        records = (itertools.islice(source.records(), count // len(sources))
+                   if isinstance(source, ShardSource)
+                   else (source[i] for i in range(min(len(source), count // len(sources)))))
+        for record in records:
+            texts.extend(record_texts(record))
     return texts

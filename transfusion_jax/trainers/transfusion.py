@@ -33,7 +33,7 @@ from transfusion_jax.core.validation import (boolean, check_fields, fraction, in
                                              positive_int, positive_number)
 from transfusion_jax.core.metrics import MetricsWriter
 from transfusion_jax.core.preemption import Preemption
-from transfusion_jax.data import latent_records
+from transfusion_jax.data import latent_records, mixture
 from transfusion_jax.data.config import check_fits, validate_data_config
 from transfusion_jax.data.host_data import HostData, process_rows
 from transfusion_jax.data.tokenizer import get_tokenizer
@@ -121,6 +121,7 @@ def check_config(config, num_devices: int):
             raise ValueError(f"model.patch_size={model.patch_size}: a Chameleon image element is "
                              "one code id; expected 1")
     validate_data_config(data)
+    mixture.check_real_data(data)  # Table 2 presets: real sources and tokenizer, or stop here
     mesh = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices)))
     data_parallel = mesh["data"] * mesh["fsdp"]
     if data.batch_size % (data_parallel * config.grad_accum):
@@ -158,7 +159,7 @@ def check_config(config, num_devices: int):
 ADDED_FIELDS = {"model.family": "transfusion", "model.norm_reorder": False,
                 "data.mix_patches_per_image": 0, "diffusion.snr_shift": 1.0, "diffusion.prediction": "eps", "diffusion.loss_weighting": "none",
                 "model.image_attention": "bidirectional", "data.noise_limit": True,
-                "data.pack_split_text": False}
+                "data.pack_split_text": False, "data.mixture": [], "data.require_real_data": False}
 # Fields a resume may change freely: they change neither the model nor the batches. (remat,
 # logits_chunk and the attention implementation change how the step computes the same function:
 # the losses agree to rounding; a run moves between GPU, TPU and CPU kernels this way.)
@@ -369,19 +370,20 @@ def train(config, workdir: str, data_streams: int | None = None,
     start = checkpoint.newest_readable_step(manager)  # damaged newer ones are set aside
     streams = _data_streams(manager, start, data_streams)
     model_cfg = config.model
-    precomputed = config.data.image_source == "latents"
+    latents_dirs = mixture.latents_dirs(config.data)  # image_source "latents", or entries'
+    precomputed = bool(latents_dirs)
     # Precomputed: the family's kind (VAE latents; Chameleon: VQ code ids, shape (h, w)) from
     # the autoencoder this run loads (its statistics normalise VAE latents).
     kind = latent_records.FAMILY_KINDS[family(model_cfg)]
-    if precomputed:
-        latent_records.check_autoencoder(config.data.latents_dir, config.autoencoder.checkpoint,
-                                         kind)
+    for latents_dir in latents_dirs:
+        latent_records.check_autoencoder(latents_dir, config.autoencoder.checkpoint, kind)
     latent_shape = (model_cfg.latent_size,) * 2 + ((model_cfg.latent_channels,)
                                                    if kind == "vae" else ())
     pipeline = HostData(config.data, patches_per_image=patches_per_image(model_cfg),
                         tokenizer=tokenizer, num_streams=streams,
                         rows=process_rows(batch_sharding, config.data.batch_size),
-                        latent_shape=latent_shape if precomputed else None)
+                        latent_shape=latent_shape if precomputed else None,
+                        total_steps=config.total_steps)
 
     # --- the frozen autoencoder, replicated: every device encodes its own rows' images
     replicated = NamedSharding(mesh, PartitionSpec())
