@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/data_pipeline.py [--seq_len 4096] [--batch_size 8]
         [--patches_per_image 64] [--workers 0 2] [--batches 40] [--warmup 5]
-        [--source shapes|webdataset] [--shards 16 --samples_per_shard 200 --jpeg_px 384
+        [--source shapes|webdataset|mixture] [--shards 16 --samples_per_shard 200 --jpeg_px 384
          --image_size 256]
 
 rows/s and elements/s (L per row) are measured over `batches` batches after `warmup` batches
@@ -67,6 +67,18 @@ def write_shards(folder: Path, args) -> tuple[str, float]:
     return str(folder / "*.tar"), float(np.mean(sizes))
 
 
+def mixture(pattern: str, shards: int) -> tuple:
+    """data.mixture: shapes-world text at half the elements, the shards split into two image
+    sets of a quarter each (their own streams, as two img2dataset sets)."""
+    paths = [pattern.replace("*", f"{s:05d}") for s in range(shards)]
+    half = shards // 2
+    return ({"name": "text", "text_source": "shapes", "weight": 1.0},
+            {"name": "set_a", "image_source": "webdataset", "shards": ",".join(paths[:half]),
+             "weight": 0.5},
+            {"name": "set_b", "image_source": "webdataset", "shards": ",".join(paths[half:]),
+             "weight": 0.5})
+
+
 def measure(tokenizer, args, workers: int, **source) -> dict:
     config = get_data_config(seq_len=args.seq_len, batch_size=args.batch_size, worker_count=workers,
                              **source)
@@ -86,7 +98,7 @@ def measure(tokenizer, args, workers: int, **source) -> dict:
     rows = after["rows"] - before["rows"]
     used = (after["text_tokens"] - before["text_tokens"]) + (after["patches"] - before["patches"])
     return {
-        "benchmark": "data_pipeline", "source": config.image_source, "workers": workers,
+        "benchmark": "data_pipeline", "source": args.source, "workers": workers,
         "seq_len": args.seq_len, "batch_size": args.batch_size,
         "patches_per_image": args.patches_per_image, "image_size": config.image_size,
         "max_images": pipeline.max_images, "batches": args.batches,
@@ -97,6 +109,8 @@ def measure(tokenizer, args, workers: int, **source) -> dict:
         "padding_fraction": round(after["padding_fraction"], 4),
         "text_to_patch_ratio": round(after["text_to_patch_ratio"], 4),
         "startup_s": round(startup, 2),
+        **{k: round(v, 4) for k, v in after.items() if k.startswith("mix/") and
+           k.endswith("/share")},
         # CPU of this process (all its threads) per image placed: the whole pipeline's cost
         # with workers 0; with workers it leaves out theirs, so it is not reported.
         **({"cpu_ms_per_image": round(1e3 * cpu / max(after["images"] - before["images"], 1), 2)}
@@ -112,7 +126,9 @@ def main():
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--source", choices=["shapes", "webdataset"], default="shapes")
+    parser.add_argument("--source", choices=["shapes", "webdataset", "mixture"], default="shapes",
+                        help="mixture: data.mixture of shapes text (weight 1) and the tar "
+                             "shards as two image sets (weights 0.5 + 0.5)")
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--samples_per_shard", type=int, default=200)
     parser.add_argument("--jpeg_px", type=int, default=384, help="JPEG width (height 3/4 of it)")
@@ -122,10 +138,12 @@ def main():
         tokenizer = get_tokenizer(get_data_config(), workdir)
         source = {"image_size": args.image_size} if args.image_size else {}
         extra = {}
-        if args.source == "webdataset":
+        if args.source in ("webdataset", "mixture"):
             start = time.perf_counter()
             pattern, mean_bytes = write_shards(Path(workdir), args)
             source.update(image_source="webdataset", shards=pattern)
+            if args.source == "mixture":
+                source = {**source, "mixture": mixture(pattern, args.shards)}
             extra = {"shards": args.shards, "samples_per_shard": args.samples_per_shard,
                      "jpeg_px": args.jpeg_px, "mean_jpeg_bytes": round(mean_bytes),
                      "write_s": round(time.perf_counter() - start, 1)}
