@@ -18,7 +18,8 @@ SWEEP is
     mixtures"); without it each run stops at start naming data.mixture.
   - micro: the same comparison on the shapes world on this 2-core CPU, 3 sizes x 2 budgets per
     family, plus the Table 5 (image attention causal) and Table 8 (no noise limit) switches at
-    one size; about 77 minutes in all, estimated (below), never measured yet. No FID or CLIP
+    one size; about 77 minutes in all, estimated (below); measured: 55m27s for the 14 points with
+    the autoencoders already trained (README, docs/scaling/micro). No FID or CLIP
     score: the demo's `fid` entry runs on random weights (a pipeline check, not a metric), and
     weight files cannot be given by override (the entry has no such keys yet).
 
@@ -40,7 +41,8 @@ steps/s measured for the demo model (README: Transfusion 1.94, Chameleon 0.92), 
 l by their analytic step FLOPs (s: 3.0 / 1.4, l: 1.2 / 0.55 assumed); 60 s a point for start,
 compilation and the final evaluations (README's evaluation table: perplexity 4 s, ranked 2 s,
 captioning 8 s, shapes 19 s at 16 scenes); the two demo autoencoders first (VAE 301 s, VQ-VAE
-270 s, README) unless they are already trained. Sum: about 77 minutes.
+270 s, README) unless they are already trained. Sum: about 77 minutes (measured: 55m27s for the
+points, plus the autoencoders' 9.5 minutes when they are trained first).
 """
 from transfusion_jax.core.config import parse_arg
 
