@@ -31,8 +31,7 @@ from transfusion_jax.data.latent_records import LatentsSource, check_latents
 from transfusion_jax.data.mixing import RatioMixIterDataset, ScheduledMixPackIterDataset
 from transfusion_jax.data.packing import COUNTS_KEY, PackIterDataset
 from transfusion_jax.data.shards import DocumentMapIterDataset, ShardSource
-from transfusion_jax.data.sources import (build_image_source, build_mixture_sources, build_sources,
-                                          build_text_source)
+from transfusion_jax.data.sources import build_mixture_sources, build_sources
 
 _STATE_FORMAT = 1
 
@@ -71,10 +70,7 @@ def source_stream(config, source, builder, stream: int, *, shard_index: int,
     (record i::shard_count of the shuffle), or a ShardSource (img2dataset shards, issue 15),
     whose shards are shuffled and dealt to hosts and workers per epoch by shards.py. Either
     way `builder` (a DocumentBuilder) makes each record a document with random draws seeded
-    by (config.seed, stream) and the record. `source` may also be "text" or "image": the
-    config's text_source / image_source, built here (a mixture builds one per entry)."""
-    if isinstance(source, str):  # "text" or "image"
-        source = (build_text_source if source == "text" else build_image_source)(config)
+    by (config.seed, stream) and the record."""
     if source is None:
         return None
     shuffle_seed, document_seed = _seeds(config.seed, stream)
