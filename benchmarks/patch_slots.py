@@ -38,6 +38,12 @@ wasted_share_attention_halved (attention counted at half, as the block-skipping 
 at least) and vae_wasted_share: a step whose batch carries pixels (not precomputed latents,
 data.image_source "latents") runs the frozen VAE encoder (experiments/autoencoder.py:paper,
 forward only) on every slot as well, models/autoencoder/codec.py.
+
+With --budget K [--budget_rows R] (data.image_budget, trainers/image_budget.py: the fix) the
+pipeline is also measured at that budget (used slots, padding, rows the budget closed) and each
+size line adds step_flops_budget (the step lowered on groups of R rows, K images each),
+budget_saved_share = (step - budgeted step) / step, and budget_wasted_share /
+budget_vae_wasted_share: what the budget's slack (K / R over the rows' mean use) still spends.
 """
 import argparse
 import contextlib
@@ -74,7 +80,7 @@ EXPERIMENT = "experiments/transfusion.py"
 def pipeline_usage(data, patches: int, rows: int, tokenizer, **overrides) -> dict:
     """Mean used slots per row of the first `rows` rows of the pipeline at `data` (+ overrides)."""
     data = data.copy_and_resolve_references()
-    data.batch_size = 16
+    data.batch_size = max(16, overrides.get("image_budget_rows", 1))
     for key, value in overrides.items():
         data[key] = value
     pipeline = make_pipeline(data, patches_per_image=patches, tokenizer=tokenizer,
@@ -87,6 +93,7 @@ def pipeline_usage(data, patches: int, rows: int, tokenizer, **overrides) -> dic
     used = np.asarray(used[:rows], np.float64)
     return {"mean": float(used.mean()), "min": int(used.min()), "max": int(used.max()),
             "padding_fraction": round(metrics["padding_fraction"], 4),
+            "budget_closed_rows": metrics["budget_closed_rows"],
             "text_to_patch_ratio": round(metrics["text_to_patch_ratio"], 3)}
 
 
@@ -96,7 +103,7 @@ def paper_rows_usage(length: int, patches: int, rows: int, seed: int = 0) -> flo
                               for p in d) for _ in range(rows)]))
 
 
-def slot_usage(rows: int) -> dict:
+def slot_usage(rows: int, budget: int = 0, budget_rows: int = 1) -> dict:
     config = load_config(f"{EXPERIMENT}:0.16b")  # every Table 2 size has this data config
     data, p = config.data, patches_per_image(config.model)
     m = resolve_max_images(data, p)
@@ -106,6 +113,8 @@ def slot_usage(rows: int) -> dict:
     preset = pipeline_usage(data, p, rows, tokenizer)
     pairs = pipeline_usage(data, p, rows, tokenizer, shapes_interleaved_fraction=0.0)
     synthetic = paper_rows_usage(data.seq_len, p, rows)
+    budgeted = (pipeline_usage(data, p, rows, tokenizer, image_budget=budget,
+                               image_budget_rows=budget_rows) if budget else None)
     return {"benchmark": "patch_slots", "kind": "slot_usage", "seq_len": data.seq_len,
             "patches_per_image": p, "max_images": m, "image_size": data.image_size,
             "text_to_patch_ratio": data.text_to_patch_ratio, "rows": rows,
@@ -117,6 +126,10 @@ def slot_usage(rows: int) -> dict:
             "padding_fraction": preset["padding_fraction"],
             "mean_used_slots_pairs_only": round(pairs["mean"], 3),
             "mean_used_slots_paper_rows": round(synthetic, 3),
+            **({"image_budget": budget, "image_budget_rows": budget_rows,
+                "budget_mean_used_slots": round(budgeted["mean"], 3),
+                "budget_padding_fraction": budgeted["padding_fraction"],
+                "budget_closed_rows": budgeted["budget_closed_rows"]} if budget else {}),
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -243,6 +256,17 @@ def analytic_linear_patch(config, slots: int) -> float:
     return 10.0 * m.patch_size ** 2 * m.latent_channels * m.dim * patches_per_image(m) * slots
 
 
+def budget_step_flops(config, usage: dict) -> float:
+    """The step of the preset's batch with data.image_budget: lowered on one and two groups of
+    image_budget_rows rows, whose K images (not rows * M) reach the VAE and patch layers."""
+    config = config.copy_and_resolve_references()
+    rows = usage["image_budget_rows"]
+    config.data.image_budget, config.data.image_budget_rows = usage["image_budget"], rows
+    one = step_flops(config, rows, usage["max_images"])
+    two = step_flops(config, 2 * rows, usage["max_images"])
+    return (2 * one - two) + config.data.batch_size // rows * (two - one)
+
+
 def measure(size: str, patch: str, usage: dict, vae_per_slot: float) -> dict:
     config = load_config(f"{EXPERIMENT}:{size},patch={patch}")
     config.model.attention = "dense"  # the full L x L scores, as core/flops.py counts them
@@ -285,6 +309,18 @@ def measure(size: str, patch: str, usage: dict, vae_per_slot: float) -> dict:
            "analytic_transformer_flops": analytic,
            "xla_over_analytic_transformer": round(transformer_xla / analytic, 4),
            "lower_s": round(time.perf_counter() - start, 1)}
+    if "image_budget" in usage:  # the fix: K images per group of R rows reach the patch layers
+        budgeted = budget_step_flops(config, usage)
+        k, r = usage["image_budget"], usage["image_budget_rows"]
+        used = usage["budget_mean_used_slots"]  # the budget's packing holds fewer a row
+        out.update(image_budget=k, image_budget_rows=r, step_flops_budget=budgeted,
+                   budget_saved_share=round((step - budgeted) / step, 5),
+                   # what the budget's slack (K over the rows' mean use) still spends
+                   budget_wasted_share=round(batch * (patch_all / m) * (k / r - used)
+                                             / budgeted, 5),
+                   budget_vae_wasted_share=round(batch * vae_per_slot * (k / r - used)
+                                                 / (budgeted + batch * vae_per_slot * k / r), 5))
+        out["lower_s"] = round(time.perf_counter() - start, 1)
     if patch == "linear":
         out["linear_patch_xla_over_analytic_matmuls"] = round(
             patch_all / analytic_linear_patch(config, m), 4)
@@ -296,8 +332,11 @@ def main():
     ap.add_argument("--sizes", nargs="+", default=["0.16b", "0.37b", "0.76b", "1.4b", "7b"])
     ap.add_argument("--patches", nargs="+", default=["linear", "unet"])
     ap.add_argument("--rows", type=int, default=128, help="pipeline rows for the slot usage")
+    ap.add_argument("--budget", type=int, default=0,
+                    help="also measure data.image_budget K (0: not)")
+    ap.add_argument("--budget_rows", type=int, default=16, help="data.image_budget_rows R")
     args = ap.parse_args()
-    usage = slot_usage(args.rows)
+    usage = slot_usage(args.rows, args.budget, args.budget_rows)
     vae_per_slot = vae_encoder_flops(1)
     usage["vae_encoder_flops_per_slot"] = vae_per_slot
     print(json.dumps(usage), flush=True)

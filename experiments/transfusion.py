@@ -16,6 +16,10 @@ The Table 2 presets keep the paper's settings, and name no data: a run of one st
 until data.mixture (or data.text_source / data.image_source) and data.tokenizer_model are set
 (data_config below shows the paper-like mixture as overrides to paste).
 mesh is a preset of transfusion_jax.core.sharding.MESH_PRESETS: dp (default), fsdp, fsdp_tensor.
+With patch=unet set an image budget too, e.g. --config.data.image_budget=128
+--config.data.image_budget_rows=16 (when a device holds 16 rows a microbatch): the rows use 7.4
+of their 15 slots, and the U-Net on the unused ones is 27% of a 0.16b step (README,
+benchmarks/patch_slots.py). It is off by default, since R must divide each device's rows.
 """
 import ml_collections
 

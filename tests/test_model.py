@@ -206,10 +206,17 @@ def test_elements_per_256px_image(k, elements, patch):
 
 
 def test_wrong_latent_shape_names_the_fields():
-    cfg = tiny()
-    model, params, batch, info, x, t = setup_model(cfg)
+    cfg = tiny()  # shapes only: the check runs when the model is traced
+    batch, _ = build_rows(ROWS, LENGTH, SLOTS, patches_per_image(cfg))
+    shape = (len(ROWS), SLOTS, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+    x, t = jnp.zeros(shape), jnp.zeros(shape[:2], jnp.int32)
+    model = Transfusion(cfg)
+    params = jax.eval_shape(model.init, jax.random.key(2), batch, x, t)
     with pytest.raises(ValueError, match="model.latent_size"):
-        model.apply(params, batch, x[:, :, :4], t)
+        jax.eval_shape(model.apply, params, batch, x[:, :, :4], t)
+    with pytest.raises(ValueError, match="a divisor of the batch's 2 rows"):  # grouped layout
+        jax.eval_shape(model.apply, params, batch, jnp.zeros((3, *shape[1:])),
+                       jnp.zeros((3, SLOTS), jnp.int32))
 
 
 @pytest.mark.slow

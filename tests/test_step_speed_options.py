@@ -225,7 +225,7 @@ def chameleon_loss_fn(config):
                                                            None)
 
     def run(params, batch):
-        inputs, normalizers = prepare(batch, jax.random.key(0), None)
+        inputs, normalizers, _ = prepare(batch, jax.random.key(0), None)
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *inputs,
                                                                         normalizers)
         return summarize(metrics), grads

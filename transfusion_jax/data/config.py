@@ -30,6 +30,13 @@ def _defaults() -> ml_collections.ConfigDict:
     c.seq_len = 4096  # L, elements per row
     c.batch_size = 8  # global rows per step; each host yields batch_size // host count
     c.max_images = -1  # M, image slots per row; -1: as many as fit, seq_len // (P + 2)
+    # An image budget: at most `image_budget` images in each group of `image_budget_rows` rows
+    # (0: none, every row up to M). The packer closes a row early rather than pass it; the
+    # step then encodes and patches only the budget's slots, not every row's M (issue 18: the
+    # autoencoder and patch layers on used slots only; trainers/image_budget.py). With
+    # grad_accum A a group is R rows of one microbatch: rows i, i+A, ... of A*R consecutive.
+    c.image_budget = 0
+    c.image_budget_rows = 1
     c.image_size = 64  # images are resized and centre-cropped to image_size x image_size RGB
     # Documents -> rows (paper section 4.1).
     c.caption_first_prob = 0.8
@@ -127,6 +134,10 @@ def validate_data_config(c: ml_collections.ConfigDict) -> None:
         _check(c[field] >= 0, field, c[field], "an integer >= 0")
     _check(c.seed < 2**31, "seed", c.seed, "an integer < 2**31")
     _check(c.max_images == -1 or c.max_images >= 1, "max_images", c.max_images, "-1 (as many as fit) or >= 1")
+    _check(c.get("image_budget", 0) >= 0, "image_budget", c.get("image_budget", 0),
+           "an integer >= 0 (images per data.image_budget_rows rows; 0: no budget)")
+    _check(c.get("image_budget_rows", 1) >= 1, "image_budget_rows", c.get("image_budget_rows", 1),
+           "an integer >= 1 (rows that share data.image_budget)")
     for field in ("caption_first_prob", "p_uncond", "shapes_interleaved_fraction"):
         _check(0.0 <= c[field] <= 1.0, field, c[field], "a probability in [0, 1]")
     _check(isinstance(c.pack_split_text, bool), "pack_split_text", c.pack_split_text,
@@ -182,6 +193,18 @@ def resolve_max_images(c: ml_collections.ConfigDict, patches_per_image: int) -> 
     """M for this model: the configured slots, or as many images as fit in a row."""
     check_fits(c, patches_per_image)
     return int(c.seq_len // (patches_per_image + 2)) if c.max_images == -1 else c.max_images
+
+
+def resolve_image_budget(c: ml_collections.ConfigDict, max_images: int) -> tuple[int, int]:
+    """(R, K): images at most K per group of R rows. No budget is (1, M): every row's slots."""
+    rows, budget = c.get("image_budget_rows", 1), c.get("image_budget", 0)
+    if budget == 0:
+        return 1, max_images
+    if not max_images <= budget <= rows * max_images:
+        raise ValueError(
+            f"data.image_budget = {budget}: expected between max_images ({max_images}: a row's "
+            f"slots) and image_budget_rows * max_images ({rows * max_images}: every slot), or 0")
+    return rows, budget
 
 
 def check_fits(c: ml_collections.ConfigDict, patches_per_image: int) -> None:

@@ -28,6 +28,7 @@ COUNTERS = (
     "text_document_tokens",  # elements of text-only documents (the mixing numerator)
     "image_document_patches",  # patches of image documents (the mixing denominator)
     "rows", "text_tokens", "patches", "padding",  # elements of emitted rows
+    "budget_closed_rows",  # rows closed before M images by data.image_budget (packing.py)
     # Per source of a data.mixture (its entry's slot, in order): elements (text-only-document
     # tokens + image-document patches, the unit of its weight) and documents placed in rows.
     *(f"mix_{i}_{what}" for i in range(MIX_SLOTS) for what in ("elements", "documents")),

@@ -51,13 +51,13 @@ class HostData:
 
     def __init__(self, config, *, patches_per_image: int, tokenizer, num_streams: int,
                  rows: tuple[int, int], latent_shape: tuple[int, ...] | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, grad_accum: int = 1):
         self.num_streams = num_streams
         self._rows = stream_rows(config.batch_size, num_streams, *rows)
         self._pipelines = {s: make_pipeline(config, patches_per_image=patches_per_image,
                                             tokenizer=tokenizer, shard_index=s,
                                             shard_count=num_streams, latent_shape=latent_shape,
-                                            total_steps=total_steps)
+                                            total_steps=total_steps, grad_accum=grad_accum)
                            for s in self._rows}
         self.max_images = next(iter(self._pipelines.values())).max_images
         # The process holding a stream's first row saves its state: exactly one per stream.

@@ -9,6 +9,12 @@ Rules:
     current row and then whole rows; a cut never falls inside BOI..EOI. Each piece is its own
     segment (positions restart, no attention across pieces); the first piece keeps BOS, the last
     keeps EOS.
+With an image budget (data.image_budget K, image_budget_rows R; grad_accum A) the rows of a
+batch form groups: a block of A*R consecutive rows holds A groups, group i its rows i, i+A, ...
+(the rows of one microbatch, trainers/transfusion.py: micro). A row takes at most K minus the
+images of its group's earlier rows; a document that would fit an empty row is not split for the
+budget: the row closes (`budget_closed_rows`), even empty, and the document waits for a row of
+a group with room. So the step encodes K images per group, not R*M (trainers/image_budget.py).
 Image slots hold pixels (`images` [M, S, S, 3]) or, for the latents source, precomputed
 `latents` of `latent_shape`: raw VAE latents float32 [M, h, w, C], or VQ code ids int32
 [M, h, w] (documents.image_slot); the rest of a row does not depend on which.
@@ -113,14 +119,15 @@ class PackIterDataset(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, max_images: int,
                  patches_per_image: int, image_size: int, pad_id: int, boi_id: int,
                  num_timesteps: int, latent_shape: tuple[int, ...] | None = None,
-                 split_text: bool = False):
+                 split_text: bool = False, image_budget: tuple[int, int, int] | None = None):
         super().__init__(parent)
         self.layout = _layout(seq_len, max_images, patches_per_image, image_size, pad_id, boi_id,
                               num_timesteps, latent_shape)
-        self.split_text = split_text
+        self.split_text, self.image_budget = split_text, image_budget
 
     def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self.layout, self.split_text)
+        return _PackIterator(self._parent.__iter__(), self.layout, self.split_text,
+                             self.image_budget)
 
     def __str__(self):
         return f"PackIterDataset({self.layout})"
@@ -136,18 +143,26 @@ def _layout(seq_len, max_images, patches_per_image, image_size, pad_id, boi_id, 
 def pack_iterator(parent: grain.DatasetIterator, *, seq_len: int, max_images: int,
                   patches_per_image: int, image_size: int, pad_id: int, boi_id: int,
                   num_timesteps: int, latent_shape: tuple[int, ...] | None = None,
-                  split_text: bool = False) -> grain.DatasetIterator:
+                  split_text: bool = False, image_budget: tuple[int, int, int] | None = None
+                  ) -> grain.DatasetIterator:
     """PackIterDataset's iterator over an iterator of documents (the scheduled mixer starts a
     new packer over its mixer at a weight change, data/mixing.py)."""
     return _PackIterator(parent, _layout(seq_len, max_images, patches_per_image, image_size,
-                                         pad_id, boi_id, num_timesteps, latent_shape), split_text)
+                                         pad_id, boi_id, num_timesteps, latent_shape), split_text,
+                          image_budget)
 
 
 class _PackIterator(grain.DatasetIterator):
 
-    def __init__(self, parent: grain.DatasetIterator, layout: dict, split_text: bool = False):
+    def __init__(self, parent: grain.DatasetIterator, layout: dict, split_text: bool = False,
+                 image_budget: tuple[int, int, int] | None = None):
         super().__init__(parent)
         self._layout, self._split_text = layout, split_text
+        # (R, K, A), or None: every row up to M. The state adds the row's place in its block
+        # of A*R rows and each group's images so far.
+        self._budget = image_budget
+        self._block_row = 0
+        self._group_images = np.zeros(image_budget[2] if image_budget else 1, np.int64)
         self._doc = None  # the pending document: read, not yet fully placed
         self._offset = 0  # its elements already placed in earlier rows
         self._state_before_doc: Any = None
@@ -172,26 +187,50 @@ class _PackIterator(grain.DatasetIterator):
             self._offset, self._resume_offset = self._resume_offset, 0
             return True
 
+    def _row_slots(self) -> int:
+        """The image slots this row may fill: M, or less when its group's budget is short."""
+        M = self._layout["M"]
+        if self._budget is None:
+            return M
+        _, K, A = self._budget
+        return min(M, K - int(self._group_images[self._block_row % A]))
+
+    def _count_row(self, slots: int) -> None:
+        if self._budget is None:
+            return
+        R, _, A = self._budget
+        self._group_images[self._block_row % A] += slots
+        self._block_row += 1
+        if self._block_row == A * R:  # a new block: every group's budget is whole again
+            self._block_row, self._group_images[:] = 0, 0
+
     def __next__(self) -> dict[str, np.ndarray]:
         L, M, P = self._layout["L"], self._layout["M"], self._layout["P"]
-        pieces, used, slots = [], 0, 0
+        cap = self._row_slots()
+        pieces, used, slots, ended, closed = [], 0, 0, False, False
         self._skipped = np.zeros(len(counters.COUNTERS), np.int64)
         counts = np.zeros(len(counters.COUNTERS), np.int64)
         while True:
             if self._doc is None and not self._read():
+                ended = True
                 break
             doc, start = self._doc, self._offset
             n, boi = len(doc["tokens"]), doc["boi"]
             rest, rest_images = n - start, int(np.sum(boi >= start))
-            if rest <= L - used and rest_images <= M - slots:
+            over_budget = rest_images > cap - slots  # (and within M: only the budget stops it)
+            if rest <= L - used and not over_budget:
                 stop = n  # the rest fits
-            elif used > 0 and rest <= L and rest_images <= M and not (
+            elif rest <= L and rest_images <= M and (used > 0 or over_budget) and not (
                     self._split_text and len(boi) == 0):
-                break  # fits an empty row: do not split it, close this row
+                # Fits an empty row: do not split it, close this row (empty, when the budget
+                # is what keeps it out of this one).
+                closed = over_budget and rest_images <= M - slots
+                break
             else:
-                stop = piece_stop(n, boi, start, L - used, M - slots, P)
+                stop = piece_stop(n, boi, start, L - used, cap - slots, P)
                 if stop == start:  # nothing more fits this row
-                    assert used > 0, "P + 2 <= L and M >= 1 make room for a piece in an empty row"
+                    assert used > 0 or cap < M, "P + 2 <= L and M >= 1 make room in an empty row"
+                    closed = cap < M
                     break
             pieces.append((doc, start, stop))
             used += stop - start
@@ -203,13 +242,15 @@ class _PackIterator(grain.DatasetIterator):
                 break  # the rest of this document goes to the next row
             self._doc = None
         counts += self._skipped
-        if not pieces:
+        if not pieces and ended:
             raise StopIteration
         row = assemble_row(pieces, **self._layout)
+        self._count_row(slots)
         patches = int(np.sum(row["patch_index"] >= 0))
         text = int(np.sum(row["segment_ids"] > 0)) - patches
         row[COUNTS_KEY] = counts + counters.counts(
-            rows=1, text_tokens=text, patches=patches, padding=L - text - patches)
+            rows=1, text_tokens=text, patches=patches, padding=L - text - patches,
+            budget_closed_rows=int(closed))
         return row
 
     def drop_pending(self) -> None:
@@ -219,9 +260,16 @@ class _PackIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict:
         if self._doc is None:
-            return {"parent": self._parent.get_state(), "offset": self._resume_offset}
-        return {"parent": self._state_before_doc, "offset": self._offset}
+            state = {"parent": self._parent.get_state(), "offset": self._resume_offset}
+        else:
+            state = {"parent": self._state_before_doc, "offset": self._offset}
+        if self._budget is not None:
+            state.update(block_row=self._block_row, group_images=self._group_images.tolist())
+        return state
 
     def set_state(self, state: dict) -> None:
         self._parent.set_state(state["parent"])
         self._doc, self._offset, self._resume_offset = None, 0, state["offset"]
+        if self._budget is not None:
+            self._block_row = state["block_row"]
+            self._group_images = np.array(state["group_images"], np.int64)

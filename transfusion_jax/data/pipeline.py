@@ -25,7 +25,8 @@ import grain
 import numpy as np
 
 from transfusion_jax.data import counters, mixture
-from transfusion_jax.data.config import resolve_max_images, validate_data_config
+from transfusion_jax.data.config import (resolve_image_budget, resolve_max_images,
+                                         validate_data_config)
 from transfusion_jax.data.documents import DocumentBuilder
 from transfusion_jax.data.latent_records import LatentsSource, check_latents
 from transfusion_jax.data.mixing import RatioMixIterDataset, ScheduledMixPackIterDataset
@@ -111,7 +112,8 @@ class DataPipeline:
 
     def __init__(self, config, *, patches_per_image: int, tokenizer,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 latent_shape: tuple[int, ...] | None = None, total_steps: int | None = None):
+                 latent_shape: tuple[int, ...] | None = None, total_steps: int | None = None,
+                 grad_accum: int = 1):
         validate_data_config(config)
         self.max_images = resolve_max_images(config, patches_per_image)  # raises if P + 2 > L
         self.patches_per_image = patches_per_image = int(patches_per_image)
@@ -120,6 +122,7 @@ class DataPipeline:
             raise ValueError(f"data.batch_size = {config.batch_size}: expected a multiple of the "
                              f"host count ({self.shard_count})")
         self.batch_size = config.batch_size // self.shard_count
+        self.image_budget = _image_budget(config, self.max_images, self.batch_size, grad_accum)
         self.seq_len = config.seq_len
         # What a saved state is only valid for: a state restored elsewhere would silently
         # give different batches.
@@ -131,6 +134,8 @@ class DataPipeline:
         self.mixture = mixture.names(config)  # () without a data.mixture
         if self.mixture:  # a state of other sources would not fit these streams
             self._layout["mixture"] = list(self.mixture)
+        if self.image_budget:  # nor one of rows packed to another budget
+            self._layout["image_budget"] = list(self.image_budget)
         self.total_steps = total_steps
         self._dataset = self._build(config, tokenizer, latent_shape)
         self._iterator = iter(self._dataset)
@@ -162,7 +167,8 @@ class DataPipeline:
             docs, seq_len=config.seq_len, max_images=self.max_images,
             patches_per_image=self.patches_per_image, image_size=config.image_size,
             pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps,
-            latent_shape=self.latent_shape, split_text=config.pack_split_text)
+            latent_shape=self.latent_shape, split_text=config.pack_split_text,
+            image_budget=self.image_budget)
         return self._batches(config, rows)
 
     def _batches(self, config, rows: grain.IterDataset) -> grain.IterDataset:
@@ -202,7 +208,8 @@ class DataPipeline:
             seq_len=config.seq_len, max_images=self.max_images,
             patches_per_image=self.patches_per_image, image_size=config.image_size,
             pad_id=tokenizer.pad_id, boi_id=tokenizer.boi_id, num_timesteps=config.num_timesteps,
-            latent_shape=self.latent_shape, split_text=config.pack_split_text)
+            latent_shape=self.latent_shape, split_text=config.pack_split_text,
+            image_budget=self.image_budget)
 
     def __iter__(self):
         return self
@@ -247,7 +254,7 @@ class DataPipeline:
 def make_pipeline(config, *, patches_per_image: int, tokenizer,
                   shard_index: int | None = None, shard_count: int | None = None,
                   latent_shape: tuple[int, ...] | None = None,
-                  total_steps: int | None = None) -> DataPipeline:
+                  total_steps: int | None = None, grad_accum: int = 1) -> DataPipeline:
     """The trainer's entry point. `config` is the data ConfigDict (`config.data`);
     `patches_per_image` = (image_size / downsample / patch_size)^2 of the model;
     shard defaults: this host, jax.process_index() of jax.process_count();
@@ -255,10 +262,25 @@ def make_pipeline(config, *, patches_per_image: int, tokenizer,
     checked against the folder when given: (latent_size, latent_size, latent_channels) of a
     Transfusion model (VAE latents), (latent_size, latent_size) of a Chameleon model (VQ code
     ids; int32 `latents` [B, M, h, w] in its batches); `total_steps`: the run's, which a
-    data.mixture weight schedule needs (its switches are fractions of it)."""
+    data.mixture weight schedule needs (its switches are fractions of it); `grad_accum`: the
+    run's, whose microbatches a data.image_budget's row groups follow (packing.py)."""
     return DataPipeline(config, patches_per_image=patches_per_image, tokenizer=tokenizer,
                         shard_index=shard_index, shard_count=shard_count,
-                        latent_shape=latent_shape, total_steps=total_steps)
+                        latent_shape=latent_shape, total_steps=total_steps,
+                        grad_accum=grad_accum)
+
+
+def _image_budget(config, max_images: int, rows_per_batch: int, grad_accum: int):
+    """(R, K, A) of data.image_budget for the packer, or None without one. A stream's batch
+    must hold whole blocks of A*R rows, so that groups never straddle streams or batches."""
+    if not config.get("image_budget", 0):
+        return None
+    rows, budget = resolve_image_budget(config, max_images)
+    if rows_per_batch % (grad_accum * rows):
+        raise ValueError(
+            f"data.image_budget_rows = {rows}: a stream's {rows_per_batch} rows per batch must "
+            f"be a multiple of grad_accum ({grad_accum}) times image_budget_rows")
+    return rows, budget, grad_accum
 
 
 def _document_builder(config, tokenizer, patches_per_image: int, latent_shape) -> DocumentBuilder:

@@ -157,11 +157,13 @@ class Transfusion(nn.Module):
         text = jnp.take(self.embed, batch["tokens"], axis=0).astype(dtype)
         if noised_images is None:
             return constrain(text, ("batch", "length", "embed")), None
-        b, m, size, _, ch = noised_images.shape
-        if size != c.latent_size or ch != c.latent_channels:
-            raise ValueError(f"noised_images {noised_images.shape}: expected [B, M, "
+        b, m, size, _, ch = noised_images.shape  # b: rows, or groups of rows (below)
+        rows, length = batch["tokens"].shape
+        if size != c.latent_size or ch != c.latent_channels or rows % b:
+            raise ValueError(f"noised_images {noised_images.shape}: expected [G, M, "
                              f"{c.latent_size}, {c.latent_size}, {c.latent_channels}] "
-                             "(model.latent_size, model.latent_channels)")
+                             "(model.latent_size, model.latent_channels; G a divisor of the "
+                             f"batch's {rows} rows)")
         t = timesteps.reshape(b * m)
         grid, skips = self.patch_encoder(noised_images.reshape(b * m, size, size, ch), t)
         if patch_position(c) == "learned":
@@ -169,9 +171,12 @@ class Transfusion(nn.Module):
         gh, gw = grid.shape[1:3]
         patches = grid.reshape(b, m * gh * gw, c.dim).astype(dtype)
 
-        index = batch["patch_index"]
+        # Images in b groups of rows // b consecutive rows (trainers/image_budget.py: a group's
+        # slots serve its rows laid end to end); the batch contract is b = rows, one row each.
+        index = batch["patch_index"].reshape(b, rows // b * length)
         from_patch = jnp.take_along_axis(patches, jnp.maximum(index, 0)[..., None], axis=1)
-        x = jnp.where((index >= 0)[..., None], from_patch, text)
+        x = jnp.where((index >= 0)[..., None], from_patch, text.reshape(b, -1, c.dim))
+        x = x.reshape(rows, length, c.dim)
         return constrain(x, ("batch", "length", "embed")), (t, skips, (b, m, gh, gw, size, ch))
 
     def _outputs(self, h, batch, images, logits: bool = True):
@@ -181,8 +186,9 @@ class Transfusion(nn.Module):
         out = {"logits": self.logits_of(h)} if logits else {"hidden": h}
         if images is not None:
             t, skips, (b, m, gh, gw, size, ch) = images
-            rows = batch["patch_positions"].reshape(b, m * gh * gw, 1)
-            per_patch = jnp.take_along_axis(h, rows, axis=1).reshape(b * m, gh, gw, self.cfg.dim)
+            at = batch["patch_positions"].reshape(b, m * gh * gw, 1)  # in the group's rows
+            per_patch = jnp.take_along_axis(h.reshape(b, -1, h.shape[-1]), at, axis=1)
+            per_patch = per_patch.reshape(b * m, gh, gw, self.cfg.dim)
             pred = self.patch_decoder(per_patch, skips, t).astype(jnp.float32)
             out["prediction"] = pred.reshape(b, m, size, size, ch)
         return out

@@ -46,6 +46,7 @@ from transfusion_jax.models.transfusion import IMAGE_ATTENTION, padded_vocab_siz
 from transfusion_jax.models.transformer import REMAT_EXPECTED, remat_name
 from transfusion_jax.models.autoencoder import codec as codec_lib
 from transfusion_jax.models.autoencoder import loader
+from transfusion_jax.trainers import image_budget
 
 # ============================================================================ config checks
 
@@ -128,6 +129,12 @@ def check_config(config, num_devices: int):
         raise ValueError(
             f"data.batch_size={data.batch_size} must be divisible by mesh data*fsdp={data_parallel} "
             f"times grad_accum={config.grad_accum}")
+    if data.get("image_budget", 0) and data.batch_size % (
+            data_parallel * config.grad_accum * data.image_budget_rows):
+        raise ValueError(  # a group of rows shares its images: it must not straddle devices
+            f"data.image_budget_rows={data.image_budget_rows}: data.batch_size="
+            f"{data.batch_size} must be divisible by mesh data*fsdp={data_parallel} times "
+            f"grad_accum={config.grad_accum} times image_budget_rows")
     for field in ("heads", "mlp_dim"):
         if model[field] % mesh["tensor"]:
             raise ValueError(f"model.{field}={model[field]} must be divisible by mesh.tensor="
@@ -159,7 +166,8 @@ def check_config(config, num_devices: int):
 ADDED_FIELDS = {"model.family": "transfusion", "model.norm_reorder": False,
                 "data.mix_patches_per_image": 0, "diffusion.snr_shift": 1.0, "diffusion.prediction": "eps", "diffusion.loss_weighting": "none",
                 "model.image_attention": "bidirectional", "data.noise_limit": True,
-                "data.pack_split_text": False, "data.mixture": [], "data.require_real_data": False}
+                "data.pack_split_text": False, "data.mixture": [], "data.require_real_data": False,
+                "data.image_budget": 0, "data.image_budget_rows": 1}
 # Fields a resume may change freely: they change neither the model nor the batches. (remat,
 # logits_chunk and the attention implementation change how the step computes the same function:
 # the losses agree to rounding; a run moves between GPU, TPU and CPU kernels this way.)
@@ -206,9 +214,9 @@ def make_train_step(config, model, tx, codec: codec_lib.Codec = codec_lib.IDENTI
 
     def train_step(state, batch, ae_variables=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        inputs, normalizers = prepare(batch, key, ae_variables)
+        inputs, normalizers, batch_metrics = prepare(batch, key, ae_variables)
         grads, metrics = grads_and_metrics(state.params, inputs, normalizers)
-        metrics = summarize(metrics)
+        metrics = dict(summarize(metrics), **batch_metrics)
 
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -240,9 +248,15 @@ def _transfusion_parts(config, model, codec):
     chunk = config.model.get("logits_chunk", 0)  # 0: whole logits; else the LM head per chunk
     prediction = config.diffusion.prediction
     weighting = config.diffusion.loss_weighting
+    budget = config.data.get("image_budget", 0)
+    rows = config.data.get("image_budget_rows", 1)
 
     def prepare(batch, key, ae_variables):
         key_t, key_noise = jax.random.split(key)
+        batch_metrics = {}
+        if budget:  # the used slots only, K per group of R rows (trainers/image_budget.py)
+            batch, dropped = image_budget.compact(batch, rows, budget, config.grad_accum)
+            batch_metrics["images_dropped"] = dropped.astype(jnp.float32)
         if "latents" in batch:
             x0 = codec.normalize(batch["latents"])
         else:
@@ -254,7 +268,7 @@ def _transfusion_parts(config, model, codec):
         model_batch = {key: value for key, value in batch.items()
                        if key not in ("images", "latents")}
         normalizers = (batch["text_weights"].sum(), batch["image_mask"].sum().astype(jnp.float32))
-        return (model_batch, xt, t, target), normalizers
+        return (model_batch, xt, t, target), normalizers, batch_metrics
 
     def loss_fn(params, batch, xt, t, target, normalizers):
         variables = {"params": params}
@@ -281,7 +295,7 @@ def _chameleon_parts(config, model, codec):
         else:
             ids = codec.encode_ids(jax.lax.stop_gradient(ae_variables), batch["images"])
         tokens = chameleon.token_batch(batch, ids, config.model, pad_id=0)
-        return (tokens,), (tokens["text_weights"].sum(),)
+        return (tokens,), (tokens["text_weights"].sum(),), {}
 
     def loss_fn(params, tokens, normalizers):
         variables = {"params": params}
@@ -383,7 +397,7 @@ def train(config, workdir: str, data_streams: int | None = None,
                         tokenizer=tokenizer, num_streams=streams,
                         rows=process_rows(batch_sharding, config.data.batch_size),
                         latent_shape=latent_shape if precomputed else None,
-                        total_steps=config.total_steps)
+                        total_steps=config.total_steps, grad_accum=config.grad_accum)
 
     # --- the frozen autoencoder, replicated: every device encodes its own rows' images
     replicated = NamedSharding(mesh, PartitionSpec())
