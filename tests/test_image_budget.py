@@ -196,7 +196,22 @@ def test_compacted_step_equals_the_full_layout(accum, budget):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_the_step_patches_only_the_budget(monkeypatch):
+@pytest.mark.parametrize("accum,budget", [(1, 4), (2, 4), (1, 3)])
+def test_expand_puts_every_kept_image_back_in_its_slot(accum, budget):
+    """Chameleon's way back: values of the kept images land in their (row, slot); the rest 0."""
+    batch, _ = build_rows(ROWS, LENGTH, SLOTS, 16)
+    mask = jnp.asarray(batch["image_mask"])
+    values = jax.random.normal(jax.random.key(0), (len(ROWS), SLOTS, 3, 3))
+    grouped, _ = image_budget.compact(dict({k: jnp.asarray(v) for k, v in batch.items()},
+                                           latents=values), 2, budget, accum)
+    back = np.asarray(image_budget.expand(grouped["latents"], mask, 2, budget, accum))
+    want = np.zeros_like(back)
+    for r, s in brute_force_places(np.asarray(mask), 2, budget, accum):
+        want[r, s] = values[r, s]
+    np.testing.assert_array_equal(back, want)
+
+
+def test_the_step_patches_only_the_budget():
     """The patch encoder and the autoencoder see G*K images, not B*M (the fix: before it, every
     slot of every row went through both)."""
     config = load_config("experiments/transfusion.py:tiny")
@@ -226,3 +241,31 @@ def test_the_step_patches_only_the_budget(monkeypatch):
         _, metrics = jax.eval_shape(step, state, batch)
     assert seen == {"codec": (2, 4), "patch_encoder": 2 * 4}, seen
     assert "images_dropped" in metrics
+
+
+def test_the_chameleon_step_encodes_only_the_budget(tiny_vq_workdir):
+    """The VQ encoder sees G*K images; their code ids reach the tokens as without the budget."""
+    from transfusion_jax.models.autoencoder import loader
+    config = load_config("experiments/chameleon.py:tiny")
+    config.autoencoder.checkpoint = tiny_vq_workdir
+    codec = loader.load_codec(config.autoencoder, "chameleon")
+    cfg = config.model
+    batch, _ = build_rows(ROWS, 5 * patches_per_image(cfg), SLOTS, patches_per_image(cfg))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    size = config.data.image_size
+    batch["images"] = jax.random.uniform(jax.random.key(0), (len(ROWS), SLOTS, size, size, 3),
+                                         minval=-1, maxval=1)
+    seen = []
+
+    class Recording:  # the real VQ encoder, recording what it encodes
+        def encode_ids(self, variables, images):
+            seen.append(images.shape[:2])
+            return codec.encode_ids(variables, images)
+
+    tokens = {}
+    for budget in (0, 4):
+        config.data.image_budget, config.data.image_budget_rows = budget, 2
+        prepare, _, _ = trainer._chameleon_parts(config, trainer.build_model(cfg), Recording())
+        tokens[budget] = prepare(batch, jax.random.key(0), codec.variables)[0][0]["tokens"]
+    assert seen == [(len(ROWS), SLOTS), (len(ROWS) // 2, 4)]  # B x M, then G x K
+    np.testing.assert_array_equal(tokens[4], tokens[0])

@@ -38,6 +38,15 @@ def ungroup_rows(y, accum: int):
     return x.reshape(g * rows, *y.shape[2:])
 
 
+def places(image_mask, rows: int, budget: int, accum: int = 1):
+    """(keep [G, K]: the group slots kept, in order; rank [G, R*M]: each group slot's place,
+    >= K where it is not kept). A group slot is j*M + s for slot s of the group's j-th row."""
+    b, m = image_mask.shape
+    used = group_rows(image_mask, rows, accum).reshape(b // rows, rows * m)
+    order = jnp.argsort((~used).astype(jnp.int32), axis=1, stable=True)  # used first
+    return order[:, :budget], jnp.argsort(order, axis=1)
+
+
 def compact(batch: dict, rows: int, budget: int, accum: int = 1) -> tuple[dict, jnp.ndarray]:
     """(the batch in the grouped layout, images dropped): the first `budget` used slots of each
     group of `rows` rows. A group holding more (a packer that did not keep the budget) loses its
@@ -45,20 +54,17 @@ def compact(batch: dict, rows: int, budget: int, accum: int = 1) -> tuple[dict, 
     count is returned so that the step can report it (it is 0 for the pipeline's batches)."""
     b, m = batch["image_mask"].shape
     length, p = batch["patch_index"].shape[1], batch["patch_positions"].shape[-1]
-    per_group = lambda x: group_rows(x, rows, accum).reshape(b // rows, rows * m, *x.shape[2:])
-    used = per_group(batch["image_mask"])                                   # [G, R*M]
-    order = jnp.argsort((~used).astype(jnp.int32), axis=1, stable=True)                          # used first
-    rank = jnp.argsort(order, axis=1)                                        # slot -> place
-    keep = order[:, :budget]                                                 # [G, K]
-    take = lambda x: jnp.take_along_axis(x, keep.reshape(*keep.shape, *(1,) * (x.ndim - 2)),
-                                         axis=1)
+    keep, rank = places(batch["image_mask"], rows, budget, accum)
+    take = lambda x: jnp.take_along_axis(  # [B, M, ...] -> [G, K, ...]
+        group_rows(x, rows, accum).reshape(b // rows, rows * m, *x.shape[2:]),
+        keep.reshape(*keep.shape, *(1,) * (x.ndim - 2)), axis=1)
     out = dict(batch)
     for key in SLOT_KEYS:
         if key in batch:
-            out[key] = take(per_group(batch[key]))
-    offsets = (jnp.arange(rows, dtype=jnp.int32) * length)[None, :, None, None]
-    positions = group_rows(batch["patch_positions"], rows, accum) + offsets   # [G, R, M, P]
-    out["patch_positions"] = take(positions.reshape(b // rows, rows * m, p))
+            out[key] = take(batch[key])
+    row_in_group = ungroup_rows(jnp.broadcast_to(jnp.arange(rows, dtype=jnp.int32),
+                                                 (b // rows, rows)), accum)  # [B]
+    out["patch_positions"] = take(batch["patch_positions"] + (row_in_group * length)[:, None, None])
 
     index = group_rows(batch["patch_index"], rows, accum)                    # [G, R, L]
     slot = (jnp.arange(rows, dtype=jnp.int32) * m)[None, :, None] + jnp.maximum(index, 0) // p
@@ -66,5 +72,19 @@ def compact(batch: dict, rows: int, budget: int, accum: int = 1) -> tuple[dict, 
     place = place.reshape(index.shape)
     kept = (index >= 0) & (place < budget)
     out["patch_index"] = ungroup_rows(jnp.where(kept, place * p + index % p, -1), accum)
-    dropped = jnp.sum(used) - jnp.sum(out["image_mask"])
+    dropped = jnp.sum(batch["image_mask"]) - jnp.sum(out["image_mask"])
     return out, dropped
+
+
+def expand(values, image_mask, rows: int, budget: int, accum: int = 1):
+    """compact's inverse for per-image values: [G, K, ...] -> [B, M, ...] (zeros in the slots
+    not used, or not kept). Chameleon encodes the kept images to code ids and puts them back in
+    their rows."""
+    b, m = image_mask.shape
+    _, rank = places(image_mask, rows, budget, accum)
+    used = group_rows(image_mask, rows, accum).reshape(rank.shape)
+    padded = jnp.concatenate([values, jnp.zeros_like(values[:, :1])], axis=1)
+    index = jnp.where(used & (rank < budget), rank, budget)  # the others read the zeros
+    out = jnp.take_along_axis(padded, index.reshape(*index.shape, *(1,) * (values.ndim - 2)),
+                              axis=1)
+    return ungroup_rows(out.reshape(b // rows, rows, m, *values.shape[2:]), accum)

@@ -288,14 +288,23 @@ def _chameleon_parts(config, model, codec):
     model.logits_chunk the model returns its hidden states and the loss applies the LM head per
     chunk (objectives.chunked_sums), as Transfusion's."""
     chunk = config.model.get("logits_chunk", 0)  # 0: whole logits; else the LM head per chunk
+    budget = config.data.get("image_budget", 0)
+    rows = config.data.get("image_budget_rows", 1)
 
     def prepare(batch, key, ae_variables):
+        batch_metrics = {}
         if "latents" in batch:  # precomputed code ids
             ids = batch["latents"].astype(jnp.int32)
+        elif budget:  # the VQ encoder on K used slots per group of R rows, then back in place
+            grouped, dropped = image_budget.compact(batch, rows, budget, config.grad_accum)
+            ids = image_budget.expand(
+                codec.encode_ids(jax.lax.stop_gradient(ae_variables), grouped["images"]),
+                batch["image_mask"], rows, budget, config.grad_accum)
+            batch_metrics["images_dropped"] = dropped.astype(jnp.float32)
         else:
             ids = codec.encode_ids(jax.lax.stop_gradient(ae_variables), batch["images"])
         tokens = chameleon.token_batch(batch, ids, config.model, pad_id=0)
-        return (tokens,), (tokens["text_weights"].sum(),), {}
+        return (tokens,), (tokens["text_weights"].sum(),), batch_metrics
 
     def loss_fn(params, tokens, normalizers):
         variables = {"params": params}
