@@ -131,11 +131,11 @@ def micro(x, accum):  # the trainer's microbatch split: microbatch i takes rows 
     return jnp.swapaxes(x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1)
 
 
-@pytest.mark.parametrize("accum,budget", [(1, 4), (2, 4), (1, 3)])
-def test_compacted_step_equals_the_full_layout(accum, budget):
-    """Loss, gradients and each kept image's prediction of the grouped layout equal the plain
-    batch's; (1, 3) drops the fourth image of a group and reports it."""
-    cfg, rows = tiny(), 2
+def layouts(accum, budget, rows=2):
+    """The tiny model's loss and outputs (jitted) with random params, and one batch in the
+    plain layout (the images past the budget unused) and in the grouped one, with x_t, t and
+    targets riding along as slot arrays; the brute-force place of every kept image."""
+    cfg = tiny()
     batch, _ = build_rows(ROWS, LENGTH, SLOTS, patches_per_image(cfg))
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     shape = (len(ROWS), SLOTS, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
@@ -143,16 +143,13 @@ def test_compacted_step_equals_the_full_layout(accum, budget):
     t = jax.random.randint(jax.random.key(1), shape[:2], 0, 1000)
     target = jax.random.normal(jax.random.key(2), shape)
     model = Transfusion(cfg)
-    params = nn.unbox(model.init(jax.random.key(3), batch, xt, t))
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(3), batch, xt, t))
     params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(4), a.shape), params)
-
     places = brute_force_places(np.asarray(batch["image_mask"]), rows, budget, accum)
     kept = np.zeros(shape[:2], bool)
     for r, s in places:
         kept[r, s] = True
-
-    # The compact layout: slot arrays ride along as `latents` (x_t), max_timestep (t) and the
-    # targets under a key of their own ([B, M, ...] arrays the compaction gathers alike).
+    plain = (dict(batch, image_mask=batch["image_mask"] & kept), xt, t, target)
     grouped, dropped = image_budget.compact(dict(batch, latents=xt, max_timestep=t), rows,
                                             budget, accum)
     grouped_target, _ = image_budget.compact(dict(batch, latents=target), rows, budget, accum)
@@ -160,22 +157,26 @@ def test_compacted_step_equals_the_full_layout(accum, budget):
     assert grouped["latents"].shape[:2] == (len(ROWS) // rows, budget)
     for (r, s), (g, k) in places.items():
         np.testing.assert_array_equal(grouped["latents"][g, k], xt[r, s])
+    grouped = ({k: v for k, v in grouped.items() if k != "latents"}, grouped["latents"],
+               grouped["max_timestep"], grouped_target["latents"])
 
     @jax.jit
-    def loss(params, b, x, tt, y):
-        out = model.apply(params, b, x, tt)
-        return objectives.transfusion_loss(out, b, y, 5.0)[0], out
+    def loss_and_outputs(params, batch, xt, t, target):
+        out = model.apply(params, batch, xt, t)
+        return objectives.transfusion_loss(out, batch, target, 5.0)[0], out
+    return loss_and_outputs, params, plain, grouped, places
 
-    # Reference: the plain layout, microbatch by microbatch, with the dropped images unused.
-    plain = dict(batch, image_mask=batch["image_mask"] & kept)
-    full = grouped_layout = 0.0
+
+@pytest.mark.parametrize("accum,budget", [(1, 4), (2, 4), (1, 3)])
+def test_compacted_step_equals_the_full_layout(accum, budget):
+    """Loss, logits and each kept image's prediction of the grouped layout equal the plain
+    batch's, microbatch by microbatch; (1, 3) drops the fourth image of a group."""
+    loss_and_outputs, params, plain, grouped, places = layouts(accum, budget)
+    total = {"plain": 0.0, "grouped": 0.0}
     for i in range(accum):
-        pick = lambda x: micro(x, accum)[i]
-        ref_batch = jax.tree.map(pick, plain)
-        ref, ref_out = loss(params, ref_batch, pick(xt), pick(t), pick(target))
-        g_batch = jax.tree.map(pick, {k: v for k, v in grouped.items() if k != "latents"})
-        got, got_out = loss(params, g_batch, pick(grouped["latents"]),
-                            pick(grouped["max_timestep"]), pick(grouped_target["latents"]))
+        pick = lambda tree: jax.tree.map(lambda x: micro(x, accum)[i], tree)
+        ref, ref_out = loss_and_outputs(params, *pick(plain))
+        got, got_out = loss_and_outputs(params, *pick(grouped))
         if budget == 4:  # nothing dropped: the text sees the same inputs everywhere
             np.testing.assert_allclose(got_out["logits"], ref_out["logits"], atol=2e-5)
             np.testing.assert_allclose(got, ref, rtol=1e-5)
@@ -183,17 +184,17 @@ def test_compacted_step_equals_the_full_layout(accum, budget):
             if r % accum == i:
                 np.testing.assert_allclose(got_out["prediction"][g // accum, k],
                                            ref_out["prediction"][r // accum, s], atol=2e-5)
-        full, grouped_layout = full + ref, grouped_layout + got
+        total = {"plain": total["plain"] + ref, "grouped": total["grouped"] + got}
     if budget == 4:
-        np.testing.assert_allclose(grouped_layout, full, rtol=1e-5)
-    if accum == 1 and budget == 4:
-        g_batch = {k: v for k, v in grouped.items() if k != "latents"}
-        grad = jax.jit(jax.grad(lambda *a: loss(*a)[0]))
-        ref = grad(params, plain, xt, t, target)
-        got = grad(params, g_batch, grouped["latents"], grouped["max_timestep"],
-                   grouped_target["latents"])
-        for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
-            np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(total["grouped"], total["plain"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compacted_gradients_equal_the_full_layout():
+    loss_and_outputs, params, plain, grouped, _ = layouts(1, 4)
+    grad = jax.jit(jax.grad(lambda p, *a: loss_and_outputs(p, *a)[0]))
+    for a, b in zip(jax.tree.leaves(grad(params, *plain)), jax.tree.leaves(grad(params, *grouped))):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 @pytest.mark.parametrize("accum,budget", [(1, 4), (2, 4), (1, 3)])
@@ -234,8 +235,8 @@ def test_the_step_patches_only_the_budget():
         return next_fun(*args, **kwargs)
 
     model, tx = trainer.model_and_optimizer(config)
-    state = trainer.make_init_fn(config, model, tx, trainer.init_inputs(config, SLOTS))(
-        jax.random.key(0))
+    state = jax.eval_shape(trainer.make_init_fn(config, model, tx, trainer.init_inputs(
+        config, SLOTS)), jax.random.key(0))  # shapes only: the step is traced, not run
     step = trainer.make_train_step(config, model, tx, Codec())
     with nn.intercept_methods(record):
         _, metrics = jax.eval_shape(step, state, batch)
@@ -243,6 +244,7 @@ def test_the_step_patches_only_the_budget():
     assert "images_dropped" in metrics
 
 
+@pytest.mark.slow
 def test_the_chameleon_step_encodes_only_the_budget(tiny_vq_workdir):
     """The VQ encoder sees G*K images; their code ids reach the tokens as without the budget."""
     from transfusion_jax.models.autoencoder import loader

@@ -128,9 +128,12 @@ def test_remat_names():
 def test_offload_without_host_memory_names_the_field(monkeypatch):
     cfg = tiny(remat="offload")
     monkeypatch.setattr(transformer, "can_offload", lambda device=None: False)
-    params, batch, x, t, _ = setup(tiny())
+    batch, _ = build_rows(ROWS, LENGTH, SLOTS, patches_per_image(cfg))  # shapes only: traced
+    shape = (len(ROWS), SLOTS, cfg.latent_size, cfg.latent_size, cfg.latent_channels)
+    x, t = jnp.zeros(shape), jnp.zeros(shape[:2], jnp.int32)
+    params = jax.eval_shape(Transfusion(tiny()).init, jax.random.key(2), batch, x, t)
     with pytest.raises(ValueError, match="model.remat='offload'.*dots_no_batch"):
-        Transfusion(cfg).apply(params, batch, x, t)
+        jax.eval_shape(Transfusion(cfg).apply, params, batch, x, t)
 
 
 @pytest.mark.parametrize("field,value,expected", [
