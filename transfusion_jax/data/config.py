@@ -196,10 +196,8 @@ def resolve_max_images(c: ml_collections.ConfigDict, patches_per_image: int) -> 
 
 
 def resolve_image_budget(c: ml_collections.ConfigDict, max_images: int) -> tuple[int, int]:
-    """(R, K): images at most K per group of R rows. No budget is (1, M): every row's slots."""
+    """(R, K) of a data.image_budget (K >= 1): images at most K per group of R rows."""
     rows, budget = c.get("image_budget_rows", 1), c.get("image_budget", 0)
-    if budget == 0:
-        return 1, max_images
     if not max_images <= budget <= rows * max_images:
         raise ValueError(
             f"data.image_budget = {budget}: expected between max_images ({max_images}: a row's "

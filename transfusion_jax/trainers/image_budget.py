@@ -38,11 +38,16 @@ def ungroup_rows(y, accum: int):
     return x.reshape(g * rows, *y.shape[2:])
 
 
+def group_slots(x, rows: int, accum: int):
+    """[B, M, ...] -> [G, R*M, ...]: group slot j*M + s is slot s of the group's j-th row."""
+    y = group_rows(x, rows, accum)
+    return y.reshape(y.shape[0], rows * x.shape[1], *x.shape[2:])
+
+
 def places(image_mask, rows: int, budget: int, accum: int = 1):
     """(keep [G, K]: the group slots kept, in order; rank [G, R*M]: each group slot's place,
-    >= K where it is not kept). A group slot is j*M + s for slot s of the group's j-th row."""
-    b, m = image_mask.shape
-    used = group_rows(image_mask, rows, accum).reshape(b // rows, rows * m)
+    >= K where it is not kept)."""
+    used = group_slots(image_mask, rows, accum)
     order = jnp.argsort((~used).astype(jnp.int32), axis=1, stable=True)  # used first
     return order[:, :budget], jnp.argsort(order, axis=1)
 
@@ -56,8 +61,7 @@ def compact(batch: dict, rows: int, budget: int, accum: int = 1) -> tuple[dict, 
     length, p = batch["patch_index"].shape[1], batch["patch_positions"].shape[-1]
     keep, rank = places(batch["image_mask"], rows, budget, accum)
     take = lambda x: jnp.take_along_axis(  # [B, M, ...] -> [G, K, ...]
-        group_rows(x, rows, accum).reshape(b // rows, rows * m, *x.shape[2:]),
-        keep.reshape(*keep.shape, *(1,) * (x.ndim - 2)), axis=1)
+        group_slots(x, rows, accum), keep.reshape(*keep.shape, *(1,) * (x.ndim - 2)), axis=1)
     out = dict(batch)
     for key in SLOT_KEYS:
         if key in batch:
@@ -82,7 +86,7 @@ def expand(values, image_mask, rows: int, budget: int, accum: int = 1):
     their rows."""
     b, m = image_mask.shape
     _, rank = places(image_mask, rows, budget, accum)
-    used = group_rows(image_mask, rows, accum).reshape(rank.shape)
+    used = group_slots(image_mask, rows, accum)
     padded = jnp.concatenate([values, jnp.zeros_like(values[:, :1])], axis=1)
     index = jnp.where(used & (rank < budget), rank, budget)  # the others read the zeros
     out = jnp.take_along_axis(padded, index.reshape(*index.shape, *(1,) * (values.ndim - 2)),
