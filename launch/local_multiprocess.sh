@@ -5,10 +5,15 @@
 # cluster. The tests run it.
 #
 #   launch/local_multiprocess.sh [--dry-run] [--num_processes N] [--devices_per_process D] \
-#       [--port PORT] [--log_dir DIR] -- TRAIN_ARGS...
+#       [--port PORT] [--log_dir DIR] [--module MODULE] -- TRAIN_ARGS...
 #
 #   launch/local_multiprocess.sh -- --config experiments/transfusion.py:tiny --workdir /tmp/run \
 #       --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.tensor=2
+#
+# --module runs another program that takes the same --coordinator_address, --num_processes and
+# --process_id flags (default: transfusion_jax.train), e.g. evaluation split over the processes:
+#
+#   launch/local_multiprocess.sh --module transfusion_jax.evaluate -- --workdir /tmp/run
 #
 # Without --log_dir every process writes to this terminal (only process 0 logs). If one process
 # fails the others are stopped and its exit status is returned; SIGTERM/SIGINT are passed on to
@@ -26,6 +31,7 @@ num_processes=2
 devices_per_process=4
 port=""
 log_dir=""
+module="transfusion_jax.train"
 python="${PYTHON:-python3}"
 while (($#)); do
   case "$1" in
@@ -34,6 +40,7 @@ while (($#)); do
     --devices_per_process) devices_per_process="$2"; shift ;;
     --port) port="$2"; shift ;;
     --log_dir) log_dir="$2"; shift ;;
+    --module) module="$2"; shift ;;
     -h | --help) usage 0 ;;
     --) shift; break ;;
     *) echo "error: unknown option $1 (train arguments go after --)" >&2; usage 2 >&2 ;;
@@ -49,7 +56,7 @@ fi
 
 command_of() {  # process $1's command, into the array `cmd`
   cmd=(env JAX_PLATFORMS=cpu "XLA_FLAGS=--xla_force_host_platform_device_count=${devices_per_process}"
-       "$python" -m transfusion_jax.train "--coordinator_address=localhost:${port}"
+       "$python" -m "$module" "--coordinator_address=localhost:${port}"
        "--num_processes=${num_processes}" "--process_id=$1" "${train_args[@]}")
 }
 train_args=("$@")

@@ -66,8 +66,8 @@ def tiny_vq_workdir(tmp_path_factory):
 # The modules that take longest (pytest --durations, 2 cores), run first: pytest-xdist hands out
 # tests in collection order, and a long test left for the end keeps one worker busy while the
 # other idles. A module stays whole (its module-scoped fixtures are built once per worker).
-LONGEST_FIRST = ("test_fault_injection", "test_train", "test_multihost", "test_generate",
-                 "test_model", "test_autoencoder_train", "test_golden_losses",
+LONGEST_FIRST = ("test_fault_injection", "test_train", "test_multihost", "test_evaluate_processes",
+                 "test_generate", "test_model", "test_autoencoder_train", "test_golden_losses",
                  "test_chameleon_generation", "test_step_speed_options", "test_faults",
                  "test_precompute", "test_inference_tasks", "test_image_budget")
 

@@ -282,7 +282,8 @@ def test_evaluate_and_generate_entry_points_run_a_chameleon_workdir(chameleon_wo
     with open(path) as f:
         saved = json.load(f)
     saved["evals"] = {
-        "shapes": {"type": "shapes", "every": 0, "num": 2, "guidance": 5.0},
+        "shapes": {"type": "shapes", "every": 0, "num": 2, "guidance": 5.0,
+                   "batch": 1},  # two batches: prompts padded to one length (code ids)
         "perplexity": {"type": "perplexity", "every": 0, "tokens": 200},
         "ranked": {"type": "ranked", "every": 0, "num": 2},
         "captioning": {"type": "captioning", "every": 0, "num": 2, "batch": 2,

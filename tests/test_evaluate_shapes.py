@@ -1,4 +1,5 @@
 """Shapes scores: rendered truth scores 100%, corrupted images and captions score lower."""
+import os
 import re
 
 import numpy as np
@@ -95,6 +96,29 @@ class _Tokenizer:
         return list(text.encode())
 
 
+def _fake_run_tasks(evaluator, calls: list):
+    """run_tasks without a model: true images (latents twice the data's scale) and captions,
+    every other answer right; appends each call's (seed, prompts, length, prepared)."""
+    def fake_run_tasks(config, variables, tokenizer, sampling, *, prompts=(), images=(),
+                       question="", names=(), codec=None, prepared=None, length=None, **_):
+        calls.append((sampling.seed, list(prompts), length, prepared))
+        out = []
+        for name in names[:len(prompts)]:
+            pixels = evaluator.images[int(name.rsplit("_", 1)[1])]
+            out.append(dict(task="text_to_image", pixels=[pixels], text="", latents=[
+                2 * (pixels.astype(np.float32) / 127.5 - 1)]))
+        for name, q in zip(names, question):  # a caption ("") and a question per image
+            i = int(name.rsplit("_", 1)[1])
+            if q:
+                answer = evaluator.answers[i] if i % 2 == 0 else "purple"
+                out.append(dict(task="answer", pixels=[], latents=[], text=f" {answer}. More"))
+            else:
+                out.append(dict(task="image_to_text", pixels=[], latents=[],
+                                text=evaluator.captions[i]))
+        return out
+    return fake_run_tasks
+
+
 def test_report_opens_with_figures_and_holds_answers_and_latent_std(tmp_path, monkeypatch):
     """The evaluator on fake generations (run_tasks stubbed: no model): true images and captions
     back, latents twice the data's scale, every other answer right; report.md's figures exist."""
@@ -112,25 +136,7 @@ def test_report_opens_with_figures_and_holds_answers_and_latent_std(tmp_path, mo
         '{"shapes/answer/accuracy": 0.25, "denoising/cond/gain_t600": 0.01}')
     evaluator = shapes_eval.Evaluator(Context(config, _Tokenizer(), IDENTITY, str(tmp_path)),
                                       num=4, steps=2)
-
-    def fake_run_tasks(config, variables, tokenizer, sampling, *, prompts=(), images=(),
-                       question="", names=(), codec=None, **_):
-        out = []
-        for i, _ in enumerate(prompts):
-            pixels = evaluator.images[i]
-            out.append(dict(task="text_to_image", pixels=[pixels], text="", latents=[
-                2 * (pixels.astype(np.float32) / 127.5 - 1)]))
-        for name, q in zip(names, question):  # a caption ("") and a question per image
-            i = int(name.rsplit("_", 1)[1])
-            if q:
-                answer = evaluator.answers[i] if i % 2 == 0 else "purple"
-                out.append(dict(task="answer", pixels=[], latents=[], text=f" {answer}. More"))
-            else:
-                out.append(dict(task="image_to_text", pixels=[], latents=[],
-                                text=evaluator.captions[i]))
-        return out
-
-    monkeypatch.setattr(shapes_eval, "run_tasks", fake_run_tasks)
+    monkeypatch.setattr(shapes_eval, "run_tasks", _fake_run_tasks(evaluator, []))
     out_dir = tmp_path / "evals" / "100" / "shapes"
     out_dir.mkdir(parents=True)
     scores = evaluator.run(None, str(out_dir))
@@ -146,3 +152,33 @@ def test_report_opens_with_figures_and_holds_answers_and_latent_std(tmp_path, mo
     for name in figures:
         assert (out_dir / name).stat().st_size > 1000, name
     assert "| all | 4 | 50.0% |" in report
+
+
+def test_batches_are_padded_seeded_by_index_and_score_as_one(tmp_path, monkeypatch):
+    """batch=3 of num=4: two run_tasks calls of 3 scenes (the last padded with its last scene),
+    seeds 0 and 1, prompts at one length with prepare()'s generator and codec built once; the
+    scores are one batch's."""
+    from transfusion_jax.core.config import load_config
+    from transfusion_jax.evaluators import shapes as shapes_eval
+    from transfusion_jax.evaluators.common import Context
+    from transfusion_jax.models.autoencoder.codec import IDENTITY
+
+    config = load_config("experiments/transfusion.py:tiny")
+    config.data.image_size = 48
+    context = Context(config, _Tokenizer(), IDENTITY, str(tmp_path))
+    monkeypatch.setattr(shapes_eval, "prepare", lambda *a: "prepared once")
+    whole = shapes_eval.Evaluator(context, num=4, steps=2)
+    split = shapes_eval.Evaluator(context, num=4, steps=2, batch=3)
+    calls = []
+    monkeypatch.setattr(shapes_eval, "run_tasks", _fake_run_tasks(whole, calls))
+    one = whole.run(None, "")
+    assert calls == [(0, whole.captions, None, None)]  # one batch: run_tasks' own, as before
+    calls.clear()
+    assert split.run(None, "") == one
+    c = split.captions
+    assert calls == [(0, c[:3], split.length, "prepared once"),
+                     (1, c[3:] * 3, split.length, "prepared once")]
+    assert split.length >= max(len(_Tokenizer().encode(t)) for t in c) + 2  # BOS caption BOI
+    assert os.listdir(tmp_path) == []  # no out_dir (a process other than 0): no files
+    with pytest.raises(ValueError, match="batch=-1"):
+        shapes_eval.Evaluator(context, num=4, batch=-1)

@@ -1,6 +1,7 @@
 """Multi-host training on JAX's distributed runtime, on this machine: 2 CPU processes of 4 fake
 devices each (launch/local_multiprocess.sh) against 1 process of 8, and checkpoints that move
-between topologies. Also the data streams (host_data.py) and cluster detection on their own."""
+between topologies. Also the data streams (host_data.py) and cluster detection on their own.
+(Evaluation split over processes: tests/test_evaluate_processes.py.)"""
 import json
 import os
 import shutil
@@ -99,12 +100,15 @@ def test_two_processes_equal_one_and_the_checkpoint_moves_to_another_mesh(tmp_pa
     two, logs = tmp_path / "two", tmp_path / "logs"
     stopped = preempted_two_process_run(two, logs)
     assert stopped >= 3 and os.listdir(two / "checkpoints") == [str(stopped)]
-    # Evaluation in a multi-process run: the params gathered, process 0 evaluates on its own 4
-    # devices (the run's mesh needs 8: fsdp over its 4); process 1 goes on.
+    # Evaluation in a multi-process run: the params gathered, every process evaluates on its own
+    # 4 devices (the run's mesh needs 8: fsdp over its 4), its share of the batches (the tiny
+    # shapes evaluator has one: process 0's); process 0 logs and writes.
     during = json.loads((two / "evals" / "2.json").read_text())
     assert during["shapes/text_to_image/items"] == 2, during
-    assert "eval shapes" in (logs / "process_0.log").read_text()
-    assert "eval shapes" not in (logs / "process_1.log").read_text()
+    log0, log1 = ((logs / f"process_{i}.log").read_text() for i in range(2))
+    assert "step 2: eval shapes" in log0 and "step 2: eval shapes" not in log1
+    assert "eval shapes: this process computed 1 of 1 batches" in log0
+    assert "eval shapes: this process computed 0 of 1 batches" in log1
     assert sorted(os.listdir(two / "checkpoints" / str(stopped) / "data")) == \
         ["commit_success.txt", "stream_0-of-2.json", "stream_1-of-2.json"]
 

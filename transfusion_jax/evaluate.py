@@ -1,7 +1,8 @@
 """Run a training run's evaluators (config.evals) on one of its checkpoints (a Transfusion or
 Chameleon run, model.family, or an autoencoder run).
 
-    python -m transfusion_jax.evaluate --workdir DIR [--step N] [--only NAME,NAME]
+    python -m transfusion_jax.evaluate --workdir DIR [--step N] [--only NAME,NAME] \
+        [--distributed auto|on|off --coordinator_address ... --num_processes N --process_id I]
 
 Loads the run's config, tokenizer, frozen autoencoder (of the run's model.family: a Chameleon
 run's VQ-VAE) and the checkpoint's params (the EMA params when the run kept them: what the
@@ -11,6 +12,12 @@ DIR/evals/<step>/<name>/, as training does. A Transfusion or Chameleon run's eva
 its mesh (config.mesh over this machine's devices; all of them along fsdp when it needs more, as
 for a pod run), the params sharded as training shards them: the programs training's evaluations
 ran, so the numbers are training's.
+
+Several processes (the same command on every host, as the trainer is launched: core/distributed.py,
+launch/local_multiprocess.sh --module transfusion_jax.evaluate): every process loads the
+checkpoint, places the params on its own devices (trainers/transfusion.py:place_for_evaluation,
+as a multi-process training run does) and computes its share of every evaluator's batches;
+all print the same scalars, process 0 writes the files (evaluators/common.py).
 """
 import json
 
@@ -50,13 +57,14 @@ def evaluate(workdir: str, step: int | None = None, only: tuple[str, ...] = ()) 
 
 
 def on_the_run_mesh(config, variables):
-    """(mesh, variables): the run's mesh and its params placed with the shardings training gives
-    them (from the model's logical axis names and config.sharding_rules); when config.mesh
-    needs more devices than this machine has (a pod run), all of them along fsdp."""
+    """(mesh, variables): the run's mesh over this process's devices and its params placed with
+    the shardings training gives them (from the model's logical axis names and
+    config.sharding_rules); when config.mesh needs more devices than this process has (a pod
+    run), all of them along fsdp."""
     mesh, params = trainer.place_for_evaluation(config, variables["params"])
     if not _fits(config.mesh, mesh.size):
         distributed.log(f"evaluate: mesh {dict(config.mesh)} does not fit the {mesh.size} "
-                        f"devices here; evaluating on {dict(mesh.shape)}")
+                        f"devices of this process; evaluating on {dict(mesh.shape)}")
     return mesh, {**variables, "params": params}
 
 
@@ -72,10 +80,12 @@ def main():
     workdir = flags.DEFINE_string("workdir", None, "a training workdir (config.json, checkpoints)")
     step = flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)")
     only = flags.DEFINE_list("only", [], "run only these evaluators of config.evals")
+    multihost = distributed.define_flags()
 
     def _main():
         if not workdir.value:
             raise ValueError("--workdir is required")
+        distributed.initialize_from_flags({k: v.value for k, v in multihost.items()})
         results = evaluate(workdir.value, step.value, tuple(only.value))
         print(json.dumps(results, indent=1, sort_keys=True))
 

@@ -12,15 +12,9 @@ from transfusion_jax.trainers import transfusion
 
 
 def _distributed_flags() -> dict:
-    """Multi-host (core/distributed.py). Unset: auto-detected under a cluster (Cloud TPU,
-    SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); nothing on a plain machine."""
+    """Multi-host (core/distributed.py:define_flags), and the data streams and config changes."""
     return dict(
-        mode=flags.DEFINE_enum("distributed", "auto", distributed.MODES,
-                               "start jax.distributed: auto (flags or a cluster), on, off"),
-        coordinator=flags.DEFINE_string("coordinator_address", None,
-                                        "host:port of process 0's coordinator (explicit multi-host)"),
-        num_processes=flags.DEFINE_integer("num_processes", None, "processes in the job"),
-        process_id=flags.DEFINE_integer("process_id", None, "this process, 0..num_processes-1"),
+        **distributed.define_flags(),
         data_streams=flags.DEFINE_integer(
             "data_streams", None, "data streams per batch (default: the first run's process "
             "count; kept by the checkpoint)"),
@@ -30,10 +24,7 @@ def _distributed_flags() -> dict:
 
 
 def _main(config, workdir, extra):
-    started = distributed.maybe_initialize(extra["coordinator"], extra["num_processes"],
-                                           extra["process_id"], extra["mode"])
-    if started:
-        distributed.log(f"jax.distributed ({started}): {distributed.describe()}")
+    distributed.initialize_from_flags(extra)
     transfusion.train(config, workdir, data_streams=extra["data_streams"],
                       allow_config_changes=tuple(extra["allow_changes"]))
 

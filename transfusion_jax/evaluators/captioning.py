@@ -9,8 +9,9 @@ scene drawn from the caption grammar of data/shapes/text.py (COCO has about five
 Captions and references are tokenised with `cider.tokenize` (not COCO's Java PTBTokenizer).
 
 Options: num (scenes), references (per scene), max_new_tokens, batch (rows per generation call;
-the last batch is padded, so the generator compiles once). Writes captions.json into
-evals/<step>/<name>/; returns {"cider", "images", "references", "empty"}.
+the last batch is padded, so the generator compiles once; with several processes each captions
+its batches, evaluators/common.py). Writes captions.json into evals/<step>/<name>/; returns
+{"cider", "images", "references", "empty"}.
 
 Either model family (config.model.family): a Chameleon run's prompt image is its VQ-VAE's code
 ids (BOI, ids, EOI as text elements; inference/generation.py), and its captions are text only
@@ -64,40 +65,46 @@ class Evaluator:
         encode, _ = image_codec(context.config, context.codec)
         self.latents = [encode(load_image(im, data.image_size)) for im in images]
 
-    def _prompts(self):
-        """Per batch (prompt, number of real rows): the last batch padded with its first row."""
-        for start in range(0, len(self.latents), self.batch):
-            rows = [[z] for z in self.latents[start:start + self.batch]]
-            real = len(rows)
-            rows += [rows[0]] * (self.batch - real)
-            yield generation.build_prompt(rows, self.context.config.model, self.specials), real
+    def _prompt(self, start: int):
+        """(prompt of the batch from scene `start`, number of real rows): the last batch padded
+        with its first row."""
+        rows = [[z] for z in self.latents[start:start + self.batch]]
+        real = len(rows)
+        rows += [rows[0]] * (self.batch - real)
+        return generation.build_prompt(rows, self.context.config.model, self.specials), real
 
     def captions(self, variables) -> list[str]:
-        """The greedy caption of every held-out image."""
-        out, n_batches = [], -(-len(self.latents) // self.batch)
-        for i, (prompt, real) in enumerate(self._prompts()):
-            result = self.generator(variables, prompt, jax.random.key(0),
+        """The greedy caption of every held-out image; with several processes each captions its
+        batches (evaluators/common.py)."""
+        made, n_batches = {}, -(-len(self.latents) // self.batch)
+        model = self.context.config.model
+        for i in range(n_batches):
+            if not distributed.mine(i):
+                continue
+            prompt, real = self._prompt(i * self.batch)
+            result = self.generator(variables, prompt, jax.random.key(0),  # greedy: no noise
                                     max_new_tokens=self.max_new_tokens, max_images=0,
                                     allow_images=False)
             tokens, lengths = np.asarray(result.tokens), np.asarray(result.num_tokens)
-            model = self.context.config.model
-            out += [self.context.tokenizer.decode(text_ids(tokens[r, :lengths[r]], model))
-                    for r in range(real)]
+            made[i] = [self.context.tokenizer.decode(text_ids(tokens[r, :lengths[r]], model))
+                       for r in range(real)]
             if n_batches > 1:
                 distributed.log(f"captioning: batch {i + 1}/{n_batches}")
-        return out
+        return [c for batch in distributed.gather_batches(made) for c in batch]
 
     def run(self, variables, out_dir: str) -> dict:
         captions = self.captions(variables)
         candidates = [tokenize(c) for c in captions]
         refs = [[tokenize(r) for r in rs] for rs in self.references]
         score, per_image = cider_d(candidates, refs)
-        records = [dict(index=i, caption=c, tokens=t, references=rs, cider=float(s))
-                   for i, (c, t, rs, s) in enumerate(zip(captions, candidates,
-                                                         self.references, per_image))]
-        with open(os.path.join(out_dir, "captions.json"), "w") as f:
-            json.dump({"cider": score, "tokenizer": "transfusion_jax.evaluators.cider.tokenize",
-                       "captions": records}, f, indent=1)
+        if out_dir:
+            records = [dict(index=i, caption=c, tokens=t, references=rs, cider=float(s))
+                       for i, (c, t, rs, s) in enumerate(zip(captions, candidates,
+                                                             self.references, per_image))]
+            with open(os.path.join(out_dir, "captions.json"), "w") as f:
+                json.dump({"cider": score,
+                           "tokenizer": "transfusion_jax.evaluators.cider.tokenize",
+                           "captions": records}, f, indent=1)
         return {"cider": score, "images": len(captions),
                 "references": float(np.mean([len(r) for r in refs])),
                 "empty": sum(not t for t in candidates)}

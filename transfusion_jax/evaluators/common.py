@@ -9,15 +9,27 @@ Each entry names a type (a module of this package, listed in TYPES) and `every` 
 multiple of it and at the run's last step; 0: only on request, `python -m transfusion_jax.evaluate`);
 its other keys are the evaluator's options. An evaluator module defines
 `Evaluator(context, **options)` with `run(variables, out_dir) -> {name: scalar}`; it may write
-files into `out_dir` (evals/<step>/<name>/). Scalars are returned as "<name>/<key>" and written,
-per step, to evals/<step>.json.
+files into `out_dir` (evals/<step>/<name>/), and writes none when out_dir is "". Scalars are
+returned as "<name>/<key>" and written, per step, to evals/<step>.json.
+
+Several processes (a multi-host run, or `evaluate` launched on every host): every process runs
+every evaluator on its own devices, data parallel. An evaluator cuts its work into fixed batches
+(the last one padded) and computes batch i only where core/distributed.py:mine(i) says so (process
+i % process_count); then `distributed.gather_batches` brings all batches' outputs to every
+process in batch order, and every process computes the same scores from them. Noise is keyed by
+the batch index alone (fold_in(key, i), or the seed plus i), so the numbers do not depend on the
+process count. Only process 0 gets an out_dir and writes files (evals/, the run report); the
+others get "".
 """
 import dataclasses
 import importlib
 import json
 import os
+import sys
 import time
 from typing import Any
+
+import jax
 
 from transfusion_jax.core import distributed
 from transfusion_jax.evaluators import run_report
@@ -125,26 +137,47 @@ def run(evaluators: list[Scheduled], variables, step: int, workdir: str, config=
     gives steps only); a failure there is a warning line, never the evaluation's failure.
     `variables` are used as the caller placed them: the trainer and `evaluate` call this under
     the run's mesh and logical axis rules with the params sharded as training shards them, so
-    each evaluator's jitted forward runs sharded (tests/test_evaluators_mesh.py)."""
-    results = {}
+    each evaluator's jitted forward runs sharded (tests/test_evaluators_mesh.py).
+    Several processes: every process calls this (the evaluators' gathers are collectives), each
+    on its own devices; every one returns the same scalars, process 0 alone writes the files,
+    and each process prints how many of each evaluator's batches it computed (module doc)."""
+    results, writer = {}, jax.process_index() == 0
     path = os.path.join(workdir, "evals", f"{step}.json")
     saved = {}
-    if os.path.exists(path):
+    if writer and os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
     for scheduled in evaluators:
-        out_dir = os.path.join(workdir, "evals", str(step), scheduled.name)
-        os.makedirs(out_dir, exist_ok=True)
+        out_dir = os.path.join(workdir, "evals", str(step), scheduled.name) if writer else ""
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
         t0 = time.perf_counter()
+        distributed.dealt()  # count this evaluator's batches only
         scores = scheduled.evaluator.run(variables, out_dir)
+        _log_share(scheduled.name)
         distributed.log(f"step {step}: eval {scheduled.name} in "
                         f"{time.perf_counter() - t0:.1f}s: "
                         + " ".join(f"{k} {v:.4g}" for k, v in scores.items()))
         results.update({f"{scheduled.name}/{k}": float(v) for k, v in scores.items()})
-        with open(path, "w") as f:
-            json.dump({**saved, **results}, f, indent=1, sort_keys=True)
+        if writer:
+            with open(path, "w") as f:
+                json.dump({**saved, **results}, f, indent=1, sort_keys=True)
+    if writer:
+        _write_report(workdir, config)
+    return results
+
+
+def _log_share(name: str) -> None:
+    """Several processes: a line in every process's log (not only process 0's) with the share
+    of the evaluator's batches this process computed: the split is seen where it happens."""
+    here, batches = distributed.dealt()
+    if jax.process_count() > 1:
+        print(f"eval {name}: this process computed {here} of {batches} batches",
+              file=sys.stderr, flush=True)
+
+
+def _write_report(workdir: str, config) -> None:
     try:
         run_report.write(workdir, config)
     except Exception as e:  # noqa: BLE001 - the report must never fail an evaluation
         distributed.log(f"warning: evals/report.md not written ({type(e).__name__}: {e})")
-    return results

@@ -12,8 +12,10 @@ every variant) and denoised in one model call, teacher-forced in the training la
                       (x0/object_t<t>: true objects found exactly, as the shapes scores count).
 
 Options: num (held-out pairs), timesteps (of the gain), quality_timesteps (of x0 quality),
-seed (of the noise). Writes x0_vs_t.png (a row per scene: the clean image, then the decoded x0
-at each quality timestep) and returns the scalars above plus cond/eps_mse_{right,wrong}_t<t>.
+seed (of the noise: the same for every timestep). A timestep is one batch, its model calls over
+all the pairs: with several processes the timesteps are dealt over them (evaluators/common.py).
+Writes x0_vs_t.png (a row per scene: the clean image, then the decoded x0 at each quality
+timestep) and returns the scalars above plus cond/eps_mse_{right,wrong}_t<t>.
 
 Transfusion only: it measures the diffusion head, which the Chameleon baseline has not
 (model.family "chameleon" is refused, naming the field).
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transfusion_jax import diffusion
+from transfusion_jax.core import distributed
 from transfusion_jax.data.packing import assemble_row
 from transfusion_jax.data.shapes.heldout import heldout_scenes
 from transfusion_jax.data.shapes.world import parse_image
@@ -98,23 +101,35 @@ class Evaluator:
     def run(self, variables, out_dir: str) -> dict:
         x0 = self._encode(jnp.asarray(self.pixels))
         noise = jax.random.normal(jax.random.key(self.seed), x0.shape, jnp.float32)
-        scores, grid = {}, [[to_uint8(p)] for p in self.pixels]
-        for t in sorted(set(self.timesteps) | set(self.quality)):
-            eps_r, x0_r = self._denoise(variables, self.right, x0, t, noise)
-            if t in self.timesteps:
-                eps_w, _ = self._denoise(variables, self.wrong, x0, t, noise)
-                right = float(jnp.mean(jnp.square(eps_r - noise)))
-                wrong = float(jnp.mean(jnp.square(eps_w - noise)))
-                scores[f"cond/eps_mse_right_t{t}"] = right
-                scores[f"cond/eps_mse_wrong_t{t}"] = wrong
-                scores[f"cond/gain_t{t}"] = 1.0 - right / max(wrong, 1e-12)
-            if t in self.quality:
-                scores[f"x0/latent_mse_t{t}"] = float(jnp.mean(jnp.square(x0_r - x0)))
-                pixels = np.asarray(self._decode(x0_r))
-                found = [parse_image(p) for p in pixels]
-                scores[f"x0/object_t{t}"] = shapes_scores.score_objects(found, self.truths)["object"]
-                for row, p in zip(grid, pixels):
-                    row.append(to_uint8(p))
+        # A batch is one timestep (its calls over all the pairs): dealt over processes.
+        made = {i: self._at(variables, x0, noise, t)
+                for i, t in enumerate(sorted(set(self.timesteps) | set(self.quality)))
+                if distributed.mine(i)}
+        scores, grid = {}, [[to_uint8(p)] for p in self.pixels[:8]]
+        for at_t, column in distributed.gather_batches(made):
+            scores.update(at_t)
+            for row, image in zip(grid, column):
+                row.append(image)
         scores["x0/data_latent_std"] = float(jnp.std(x0))
-        save_grid(os.path.join(out_dir, "x0_vs_t.png"), grid[:8])
+        if out_dir:
+            save_grid(os.path.join(out_dir, "x0_vs_t.png"), grid)
         return scores
+
+    def _at(self, variables, x0, noise, t: int):
+        """(scores at timestep t, the first 8 scenes' decoded x0 when t is a quality step)."""
+        scores, column = {}, []
+        eps_r, x0_r = self._denoise(variables, self.right, x0, t, noise)
+        if t in self.timesteps:
+            eps_w, _ = self._denoise(variables, self.wrong, x0, t, noise)
+            right = float(jnp.mean(jnp.square(eps_r - noise)))
+            wrong = float(jnp.mean(jnp.square(eps_w - noise)))
+            scores[f"cond/eps_mse_right_t{t}"] = right
+            scores[f"cond/eps_mse_wrong_t{t}"] = wrong
+            scores[f"cond/gain_t{t}"] = 1.0 - right / max(wrong, 1e-12)
+        if t in self.quality:
+            scores[f"x0/latent_mse_t{t}"] = float(jnp.mean(jnp.square(x0_r - x0)))
+            pixels = np.asarray(self._decode(x0_r))
+            found = [parse_image(p) for p in pixels]
+            scores[f"x0/object_t{t}"] = shapes_scores.score_objects(found, self.truths)["object"]
+            column = [to_uint8(p) for p in pixels[:8]]
+        return scores, column

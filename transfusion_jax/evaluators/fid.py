@@ -5,7 +5,10 @@ As pytorch-fid computes it: pool3 activations of its InceptionV3 (models/incepti
 from pytorch-fid's file, read without torch), their mean and covariance per image set, and the
 Fréchet distance between the two Gaussians (`frechet_distance`, = calculate_frechet_distance).
 The reference statistics are computed once per (reference set, weights, dims) and cached in an
-.npz (`reference_stats`); the run's images are generated, decoded and measured batch by batch.
+.npz (`reference_stats`); the run's images are generated, decoded and measured batch by batch,
+batch j's noise from fold_in(seed key, its first caption's index). With several processes each
+computes its batches (of the reference too) and the activations are gathered in batch order
+(evaluators/common.py).
 
 Options: inception (the weight file; or random_weights=True: a random network, reported as
 "fid_random_weights", which is not FID), num, batch, sampler / steps / guidance / seed, dims
@@ -118,7 +121,7 @@ class Inception:
 
     def activations(self, images) -> np.ndarray:
         """Images [N, H, W, 3] (uint8, or float in [0, 1]) -> pool3 activations [N, dims]."""
-        return self._run(images[i:i + self.batch] for i in range(0, len(images), self.batch))
+        return self._run(len(images), lambda i: images[i:i + self.batch])
 
     def activations_of_files(self, paths) -> np.ndarray:
         """Image files (any sizes; RGB as pytorch-fid reads them) -> activations [N, dims]."""
@@ -127,17 +130,21 @@ class Inception:
             h, w = (inception_net.bilinear_matrix(n, inception_net.SIZE) for n in x.shape[:2])
             return np.einsum("oh,pw,hwc->opc", h, w, x)  # at 299x299 already, one jit for all
 
-        return self._run(np.stack([load(p) for p in paths[i:i + self.batch]])
-                         for i in range(0, len(paths), self.batch))
+        return self._run(len(paths), lambda i: np.stack([load(p) for p in paths[i:i + self.batch]]))
 
-    def _run(self, batches) -> np.ndarray:
-        out, t0 = [], time.perf_counter()
-        for i, x in enumerate(batches):
-            out.append(self.features(x))
-            if self.log_every and (i + 1) % self.log_every == 0:
-                distributed.log(f"fid: inception, {sum(map(len, out))} images in "
+    def _run(self, n: int, batch_from) -> np.ndarray:
+        """Activations of n images in batches (`batch_from(i)`: the images from i on); with
+        several processes each computes its batches (evaluators/common.py), gathered in order."""
+        out, t0 = {}, time.perf_counter()
+        for b, start in enumerate(range(0, n, self.batch)):
+            if distributed.mine(b):
+                out[b] = self.features(batch_from(start))
+            if self.log_every and (b + 1) % self.log_every == 0:
+                distributed.log(f"fid: inception, {min(n, (b + 1) * self.batch)} images "
+                                f"({sum(map(len, out.values()))} here) in "
                                 f"{time.perf_counter() - t0:.0f}s")
-        return np.concatenate(out) if out else np.zeros((0, self.dims), np.float32)
+        acts = distributed.gather_batches(out)
+        return np.concatenate(acts) if acts else np.zeros((0, self.dims), np.float32)
 
 
 def reference_stats(inception, reference, cache_dir: str):
@@ -158,15 +165,18 @@ def reference_stats(inception, reference, cache_dir: str):
         digest.update(np.ascontiguousarray(reference).tobytes())
     digest.update(inception.identity.encode())
     path = os.path.join(cache_dir, f"fid_reference_{digest.hexdigest()[:16]}.npz")
-    if os.path.exists(path):
+    # Several processes: all read the cache or all compute (the computation has collectives),
+    # and process 0 alone writes it.
+    if all(distributed.gather(os.path.exists(path))):
         with np.load(path) as f:
             return f["mu"], f["sigma"]
     acts = (inception.activations_of_files(paths) if isinstance(reference, str)
             else inception.activations(reference))
     mu, sigma = statistics(acts)
-    os.makedirs(cache_dir, exist_ok=True)
-    np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, num=len(acts))
-    os.replace(path + ".tmp.npz", path)  # a run stopped midway leaves no half-written cache
+    if jax.process_index() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez(path + ".tmp.npz", mu=mu, sigma=sigma, num=len(acts))
+        os.replace(path + ".tmp.npz", path)  # a run stopped midway leaves no half-written cache
     return mu, sigma
 
 
@@ -251,7 +261,7 @@ class Evaluator:
                                            clip_normalize, clip_random_weights, seed)
                      if use_clip else None)
         self.clip_name = "clip_score" + ("_random_weights" if clip_random_weights else "")
-        self._clip_texts = None  # the captions' CLIP embeddings, computed at the first run
+        self._clip_texts = {}  # batch index -> its captions' CLIP embeddings (first run)
 
     def generate(self, variables, captions, key) -> np.ndarray:
         """Up to `batch` captions -> uint8 images [n, H, W, 3] (the batch padded, one compile)."""
@@ -266,29 +276,44 @@ class Evaluator:
     def run(self, variables, out_dir: str) -> dict:
         ref_mu, ref_sigma = reference_stats(self.inception, self.reference, self.cache_dir)
         key, b, n = jax.random.key(self.sampling.seed), self.inception.batch, len(self.captions)
-        if self.clip is not None and self._clip_texts is None:
-            self._clip_texts = self.clip.text_embeddings(self.captions)
-        acts, cosines, samples, t0 = [], [], [], time.perf_counter()
-        for i in range(0, n, b):
-            images = self.generate(variables, self.captions[i:i + b], jax.random.fold_in(key, i))
-            acts.append(self.inception.features(images))
-            if self.clip is not None:
-                cosines.append((self.clip.image_embeddings(images)
-                                * self._clip_texts[i:i + len(images)]).sum(-1))
-            samples += list(images[:max(0, 16 - len(samples))])
-            if self.log_every and (i // b + 1) % self.log_every == 0:
-                distributed.log(f"fid: {i + len(images)}/{n} images generated and measured in "
+        made, t0 = {}, time.perf_counter()  # batch index -> (activations, cosines, samples)
+        for j, i in enumerate(range(0, n, b)):
+            if distributed.mine(j):  # the noise of batch j is fold_in(key, its first image)
+                made[j] = self._measure(j, self.generate(variables, self.captions[i:i + b],
+                                                         jax.random.fold_in(key, i)), i)
+            if self.log_every and (j + 1) % self.log_every == 0:
+                distributed.log(f"fid: {min(n, i + b)}/{n} images generated and measured "
+                                f"({sum(len(m[0]) for m in made.values())} here) in "
                                 f"{time.perf_counter() - t0:.0f}s")
+        acts, cosines, samples = zip(*distributed.gather_batches(made))
         mu, sigma = statistics(np.concatenate(acts))
-        np.savez(os.path.join(out_dir, "generated_stats.npz"), mu=mu, sigma=sigma, num=n)
-        save_grid(os.path.join(out_dir, "samples.png"),
-                  [samples[j:j + 8] for j in range(0, len(samples), 8)])
         scores = {self.name: frechet_distance(mu, sigma, ref_mu, ref_sigma)}
         if self.clip is not None:
-            cosines = np.concatenate(cosines)
-            np.save(os.path.join(out_dir, "clip_cosines.npy"), cosines)
-            scores[self.clip_name] = clip_score.clip_score(cosines)
+            scores[self.clip_name] = clip_score.clip_score(np.concatenate(cosines))
+        if out_dir:
+            self._write(out_dir, mu, sigma, [im for batch in samples for im in batch],
+                        np.concatenate(cosines) if self.clip is not None else None)
         return scores
+
+    def _measure(self, j: int, images, start: int):
+        """(pool3 activations, CLIP cosines or None, the images among the first 16 to show) of
+        batch j, whose first image is caption `start`."""
+        acts = self.inception.features(images)
+        if self.clip is None:
+            return acts, None, images[:max(0, 16 - start)]
+        if j not in self._clip_texts:  # the captions' embeddings, kept across evaluations
+            self._clip_texts[j] = self.clip.text_embeddings(
+                self.captions[start:start + len(images)])
+        cosines = (self.clip.image_embeddings(images) * self._clip_texts[j]).sum(-1)
+        return acts, cosines, images[:max(0, 16 - start)]
+
+    def _write(self, out_dir, mu, sigma, samples, cosines) -> None:
+        np.savez(os.path.join(out_dir, "generated_stats.npz"), mu=mu, sigma=sigma,
+                 num=len(self.captions))
+        save_grid(os.path.join(out_dir, "samples.png"),
+                  [samples[j:j + 8] for j in range(0, len(samples), 8)])
+        if cosines is not None:
+            np.save(os.path.join(out_dir, "clip_cosines.npy"), cosines)
 
 
 def _batch_decoder(codec):

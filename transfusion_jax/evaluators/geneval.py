@@ -31,10 +31,12 @@ per generation call; the last call is padded, one compile), sampler / steps / gu
 generated as the fid evaluator generates them: BOS caption BOI, one image per row, classifier-free
 guidance against BOS BOI, decoded by the run's codec, at data.image_size (GenEval's detector was
 made for photographs of 512 px and more). A batch's noise comes from fold_in(seed, call index):
-the same images every run with the same batch. Either model family (config.model.family): a
+the same images every run with the same batch, whichever process generates them: with several
+processes each generates its calls and process 0 writes all images (evaluators/common.py);
+without an out_dir nothing is written. Either model family (config.model.family): a
 Chameleon run samples image tokens (sampler and steps not used) and decodes them with its VQ-VAE.
 
-Returns {"prompts": prompts written, "images": images written}.
+Returns {"prompts": prompts, "images": images generated (and written)}.
 """
 from __future__ import annotations
 
@@ -134,23 +136,27 @@ class Evaluator:
 
     def run(self, variables, out_dir: str) -> dict:
         items = [(i, s) for i in range(len(self.prompts)) for s in range(self.k)]
-        folders = [self._prepare(out_dir, i) for i in range(len(self.prompts))]
-        key, done, t0 = jax.random.key(self.sampling.seed), {}, time.perf_counter()
-        written = 0
-        for call, start in enumerate(range(0, len(items), self.batch)):
-            chunk = items[start:start + self.batch]
-            images = self.generate(variables, [self.prompts[i] for i, _ in chunk],
-                                   jax.random.fold_in(key, call))
-            for (i, s), image in zip(chunk, images):
-                Image.fromarray(image).save(os.path.join(folders[i], "samples", f"{s:05}.png"))
-                written += 1
-                done.setdefault(i, []).append(image)
-                if len(done[i]) == self.k:
-                    if self.grid:
-                        Image.fromarray(make_grid(done[i])).save(
-                            os.path.join(folders[i], "grid.png"))
-                    del done[i]
+        key, made, t0 = jax.random.key(self.sampling.seed), {}, time.perf_counter()
+        calls = range(0, len(items), self.batch)
+        for call, start in enumerate(calls):
+            if distributed.mine(call):
+                made[call] = self.generate(variables, [self.prompts[i] for i, _ in
+                                                       items[start:start + self.batch]],
+                                           jax.random.fold_in(key, call))
             if self.log_every and (call + 1) % self.log_every == 0:
-                distributed.log(f"geneval: {written}/{len(items)} images in "
+                distributed.log(f"geneval: {min(len(items), start + self.batch)}/{len(items)} "
+                                f"images ({sum(map(len, made.values()))} here) in "
                                 f"{time.perf_counter() - t0:.0f}s")
-        return {"prompts": len(self.prompts), "images": written}
+        images = [im for batch in distributed.gather_batches(made) for im in batch]
+        if out_dir:  # process 0 writes every image (evaluators/common.py)
+            self._write(out_dir, items, images)
+        return {"prompts": len(self.prompts), "images": len(images)}
+
+    def _write(self, out_dir: str, items, images) -> None:
+        folders = [self._prepare(out_dir, i) for i in range(len(self.prompts))]
+        done = {}
+        for (i, s), image in zip(items, images):
+            Image.fromarray(image).save(os.path.join(folders[i], "samples", f"{s:05}.png"))
+            done.setdefault(i, []).append(image)
+            if len(done[i]) == self.k and self.grid:
+                Image.fromarray(make_grid(done[i])).save(os.path.join(folders[i], "grid.png"))

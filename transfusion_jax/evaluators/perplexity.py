@@ -24,8 +24,9 @@ documents are taken in source order until at least `tokens` targets are reached.
 B counts exactly the text whose tokens are scored: every token of every taken document is a
 target (no document is truncated, no token is lost at a cut), so the nll covers all of B (plus
 each document's EOS, as the training loss does). The model's forward is jitted once for a fixed
-[batch_size, seq_len] batch (the last batch is padded with empty rows). Writes documents.jsonl
-(per document: tokens, bytes, nll) into out_dir.
+[batch_size, seq_len] batch (the last batch is padded with empty rows); with several processes
+each scores its batches (evaluators/common.py) and the sums are added in batch order. Writes
+documents.jsonl (per document: tokens, bytes, nll) into out_dir.
 
 Either model family (config.model.family, models.build_model): the rows are text only, so a
 Chameleon run's perplexity counts text tokens only, as Transfusion's does (its logits still
@@ -204,19 +205,25 @@ class Evaluator:
 
     def run(self, variables, out_dir: str) -> dict:
         stats, t0 = [], time.perf_counter()
-        nll = {}
+        sums = {}  # batch index -> [(document, its log-probability in the batch)]
         rows = pack_whole(self.documents(stats), self.length, 1)
-        for i, (batch, keys) in enumerate(batches(rows, self.batch_size, self.layout), 1):
-            logp = np.asarray(self.score(variables, {k: batch[k] for k in MODEL_KEYS}, None))
-            for row_keys, sums in zip(keys, segment_sums(logp, batch["segment_ids"])):
-                for (doc, _), s in zip(row_keys, sums[1:]):
-                    nll[doc] = nll.get(doc, 0.0) - s
-            if i % self.log_every == 0:
-                n = sum(t for t, _ in stats[:len(nll)])
-                distributed.log(f"perplexity: {i} batches, {n} tokens, "
-                                f"{time.perf_counter() - t0:.0f}s, perplexity so far "
-                                f"{math.exp(sum(nll.values()) / max(n, 1)):.4g}")
-        return self._report(stats, nll, out_dir)
+        # Every process packs every batch (stats, batch boundaries); each scores its own.
+        for i, (batch, keys) in enumerate(batches(rows, self.batch_size, self.layout)):
+            if distributed.mine(i):
+                logp = np.asarray(self.score(variables, {k: batch[k] for k in MODEL_KEYS}, None))
+                sums[i] = [(doc, float(s)) for row_keys, row in zip(keys, segment_sums(
+                    logp, batch["segment_ids"])) for (doc, _), s in zip(row_keys, row[1:])]
+            if (i + 1) % self.log_every == 0:
+                self._progress(i + 1, stats, sums, time.perf_counter() - t0)
+        return self._report(stats, _nll(distributed.gather_batches(sums)), out_dir)
+
+    def _progress(self, done: int, stats, sums, seconds: float) -> None:
+        """A progress line; "so far": of the batches this process scored."""
+        nll = _nll(sums.values())
+        n = sum(stats[doc][0] for doc in nll)
+        distributed.log(f"perplexity: {done} batches ({len(sums)} here), {n} tokens, "
+                        f"{seconds:.0f}s, perplexity so far "
+                        f"{math.exp(sum(nll.values()) / max(n, 1)):.4g}")
 
     def _report(self, stats, nll, out_dir):
         n, size = sum(t for t, _ in stats), sum(b for _, b in stats)
@@ -230,3 +237,13 @@ class Evaluator:
                                         "nll": nll[doc]}) + "\n")
         return {"perplexity": math.exp(total / n),
                 "bits_per_byte": total / math.log(2) / max(size, 1), "tokens": n}
+
+
+def _nll(batch_sums) -> dict:
+    """{document: nll} of per-batch [(document, log-probability)], summed in batch order (a
+    document cut into windows spans batches)."""
+    nll = {}
+    for pairs in batch_sums:
+        for doc, s in pairs:
+            nll[doc] = nll.get(doc, 0.0) - s
+    return nll

@@ -33,7 +33,8 @@ generation reads prompt images (inference/generation.py prefill). Scoring is one
 over packed rows (model batch contract), not the KV-cached generator: that forward is what the
 cache is tested against, needs no decoding loop, and lets many (context, choice) sequences share
 a row, each its own segment. Rows have the training shape [batch_size, data.seq_len], jitted
-once. Writes scores.jsonl (per example: log-likelihoods, predictions) into out_dir.
+once; with several processes each scores its batches (evaluators/common.py). Writes
+scores.jsonl (per example: log-likelihoods, predictions) into out_dir.
 
 Either model family (config.model.family): a Chameleon run's image context is its VQ-VAE's code
 ids inside the tokens (BOI, text_vocab_size + code ..., EOI, as its training rows hold them), and
@@ -194,23 +195,37 @@ class Evaluator:
                 }, len(cont)
 
     def loglikelihoods(self, variables) -> np.ndarray:
-        """Summed log-probability of each pair's continuation tokens, float64 [pairs]."""
-        lls, done = np.zeros(len(self.docs)), 0
+        """Summed log-probability of each pair's continuation tokens, float64 [pairs]; with
+        several processes each scores its batches (evaluators/common.py)."""
+        scored, done = {}, 0  # batch index -> [(pair, log-likelihood)]
         rows = pack_whole(enumerate(self.docs), self.length, self.slots)
-        for i, (batch, keys) in enumerate(batches(rows, self.batch_size, self.layout), 1):
-            latents = batch["latents"] if self.latents_in else None
-            logp = np.asarray(self.score(variables, {k: batch[k] for k in MODEL_KEYS}, latents))
-            done += sum(len(row) for row in keys)
-            for r, row in enumerate(keys):
-                at = 0
-                for key in row:
-                    n, c = len(self.docs[key]["tokens"]), self.scored[key]
-                    lls[key] = logp[r, at + n - c - 1:at + n - 1].astype(np.float64).sum()
-                    at += n
-            if i % self.log_every == 0:
-                distributed.log(f"ranked: {i} batches, {done} of {len(self.docs)} "
-                                "(context, choice) pairs scored")
+        for i, (batch, keys) in enumerate(batches(rows, self.batch_size, self.layout)):
+            if distributed.mine(i):
+                latents = batch["latents"] if self.latents_in else None
+                logp = np.asarray(self.score(variables, {k: batch[k] for k in MODEL_KEYS},
+                                             latents))
+                scored[i] = self._continuations(logp, keys)
+                done += len(scored[i])
+            if (i + 1) % self.log_every == 0:
+                distributed.log(f"ranked: {i + 1} batches, {done} of {len(self.docs)} "
+                                "(context, choice) pairs scored here")
+        lls = np.zeros(len(self.docs))
+        for pairs in distributed.gather_batches(scored):
+            for key, ll in pairs:
+                lls[key] = ll
         return lls
+
+    def _continuations(self, logp, keys) -> list[tuple[int, float]]:
+        """(pair, summed log-probability of its continuation) of each pair in a batch's rows."""
+        out = []
+        for r, row in enumerate(keys):
+            at = 0
+            for key in row:
+                n, c = len(self.docs[key]["tokens"]), self.scored[key]
+                ll = logp[r, at + n - c - 1:at + n - 1].astype(np.float64).sum()
+                out.append((key, float(ll)))
+                at += n
+        return out
 
     def run(self, variables, out_dir: str) -> dict:
         lls = self.loglikelihoods(variables)

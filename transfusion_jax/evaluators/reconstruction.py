@@ -8,7 +8,9 @@ mean (VAE) or code ids (VQ-VAE), decodes them, and reports:
     latent_mean/std  of the raw latents: the VAE's normalisation (latent_stats.json)
     codes_*          VQ-VAE: fraction of codes used, perplexity of their frequencies
 
-Writes recon.png (originals above, reconstructions below) into evals/<step>/<name>/.
+Writes recon.png (originals above, reconstructions below) into evals/<step>/<name>/. With
+several processes (`python -m transfusion_jax.evaluate` on every host; the autoencoder's trainer
+runs as one process) each reconstructs its batches (evaluators/common.py).
 """
 import os
 
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from transfusion_jax.core import distributed
 from transfusion_jax.data.shapes import world
 from transfusion_jax.models.autoencoder.losses import psnr
 from transfusion_jax.models.autoencoder.model import Autoencoder
@@ -40,19 +43,21 @@ class Evaluator:
     def run(self, variables, out_dir: str) -> dict:
         scores, recon = evaluate_heldout(self.config.model, self.reconstruct, variables,
                                          self.heldout, self.batch_size)
-        write_grid(os.path.join(out_dir, "recon.png"), self.heldout[0], recon)
+        if out_dir:
+            write_grid(os.path.join(out_dir, "recon.png"), self.heldout[0], recon)
         return scores
 
 
 def evaluate_heldout(model_cfg, reconstruct, variables, heldout, batch_size: int):
-    """(scores, reconstructions) of the held-out (images, scenes) in batches."""
+    """(scores, reconstructions) of the held-out (images, scenes) in batches; with several
+    processes each reconstructs its batches (evaluators/common.py)."""
     x, scenes = heldout
-    recons, latents, ids = [], [], []
-    for i in range(0, len(x), batch_size):
-        r, z, c = reconstruct(variables, jnp.asarray(x[i:i + batch_size]))
-        recons.append(np.asarray(r)), latents.append(np.asarray(z))
-        if c is not None:
-            ids.append(np.asarray(c))
+    made = {}  # batch index -> (reconstructions, latents, code ids or None)
+    for b, i in enumerate(range(0, len(x), batch_size)):
+        if distributed.mine(b):
+            made[b] = tuple(None if a is None else np.asarray(a)
+                            for a in reconstruct(variables, jnp.asarray(x[i:i + batch_size])))
+    recons, latents, ids = zip(*distributed.gather_batches(made))
     recon, latents = np.concatenate(recons), np.concatenate(latents)
     right = total = 0
     for image, scene in zip(recon, scenes):
@@ -61,7 +66,7 @@ def evaluate_heldout(model_cfg, reconstruct, variables, heldout, batch_size: int
     out = {"psnr": float(np.mean(psnr(jnp.asarray(x), jnp.asarray(recon)))),
            "objects": right / max(total, 1),
            "latent_mean": float(latents.mean()), "latent_std": float(latents.std())}
-    if ids:
+    if ids[0] is not None:
         out.update(code_usage(np.concatenate(ids), model_cfg.codebook_size))
     return out, recon
 

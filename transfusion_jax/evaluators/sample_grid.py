@@ -2,13 +2,15 @@
 
 Options: prompts (default: the first `num` held-out captions of the shapes world when the run
 trains on it), sampler / steps / guidance (a fast sampler: DPM-Solver++ 2M, 20 steps, CFG 3).
-Writes text_to_image.png (a row per prompt) into evals/<step>/<name>/.
+Writes text_to_image.png (a row per prompt) into evals/<step>/<name>/. All prompts are one
+generation, one batch: with several processes, process 0 draws it (evaluators/common.py).
 A Chameleon run (config.model.family) samples its images as VQ-VAE tokens (sampler and steps
 not used; guidance on their logits, its experiment sets the paper's 5) and decodes them with
 its VQ-VAE (inference/tasks.py).
 """
 from typing import Sequence
 
+from transfusion_jax.core import distributed
 from transfusion_jax.data.shapes.heldout import heldout_scenes
 from transfusion_jax.inference.tasks import Sampling, run_tasks
 
@@ -28,7 +30,12 @@ class Evaluator:
                                  max_new_tokens=48, num_samples=1)
 
     def run(self, variables, out_dir: str) -> dict:
-        c = self.context
-        records = run_tasks(c.config, variables, c.tokenizer, self.sampling, prompts=self.prompts,
-                            out=out_dir, codec=c.codec)
-        return {"images": sum(r["images"] for r in records)}
+        # One batch (one generation, one grid): process 0's, which writes it; the others only
+        # learn its count.
+        made = {}
+        if distributed.mine(0):
+            c = self.context
+            records = run_tasks(c.config, variables, c.tokenizer, self.sampling,
+                                prompts=self.prompts, out=out_dir or None, codec=c.codec)
+            made[0] = sum(r["images"] for r in records)
+        return {"images": distributed.gather_batches(made)[0]}

@@ -10,7 +10,11 @@ captions) and scored by exact match up to the first "." (answer/accuracy,
 answer/accuracy_<kind>). The sampled images' latents are measured against the
 held-out images' (text_to_image/latent_std, text_to_image/data_latent_std: a sampler that
 drifts ends far from the data's std).
-Options: num (scenes per direction), sampler / steps / guidance.
+Options: num (scenes per direction), sampler / steps / guidance, batch (scenes per run_tasks
+call: a text-to-image generation of `batch` rows and a text one of 2 x `batch`; 0, the default:
+all `num` in one call; the last batch is padded). Batch j samples with seed + j, so the images
+do not depend on which process draws it: with several processes the batches are dealt over them
+(evaluators/common.py).
 
 The Chameleon baseline (config.model.family) runs the same tasks; its images are VQ-VAE tokens,
 so the latent std (of diffused latents) is replaced by the share of the codebook the sampled
@@ -26,18 +30,21 @@ and the denoising evaluator's conditioning gain over the steps in evals/<step>.j
 the LM loss on text and on image tokens, no gain); then the captions and answers as text, and
 heldout_vs_generated.png. Returns "<direction>/<score>" scalars.
 """
+import dataclasses
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transfusion_jax.core import distributed
 from transfusion_jax.data.shapes.heldout import heldout_scenes
 from transfusion_jax.data.shapes.text import parse_caption
 from transfusion_jax.data.shapes.world import parse_image
 from transfusion_jax.evaluators import report_plots, shapes_scores
-from transfusion_jax.inference.tasks import Sampling, run_tasks, save_grid
-from transfusion_jax.models import family
+from transfusion_jax.inference.tasks import Sampling, prepare, run_tasks, save_grid
+from transfusion_jax.models import family, patches_per_image
+from transfusion_jax.models.chameleon import tokens_per_image
 
 # What the curves show: these scores of this evaluator, and the denoising evaluator's gain.
 CURVE_SCORES = {"text to image: objects right": "text_to_image/object",
@@ -65,13 +72,15 @@ def _step_and_name(out_dir: str) -> tuple[int | None, str]:
 
 class Evaluator:
     def __init__(self, context, num: int = 16, sampler: str = "dpm++2m", steps: int = 20,
-                 guidance: float = 3.0):
+                 guidance: float = 3.0, batch: int = 0):
         data = context.config.data
         if data.image_source != "shapes":
             raise ValueError(f"type 'shapes' scores the shapes world; data.image_source="
                              f"{data.image_source!r}")
-        if num < 1:
-            raise ValueError(f"num={num}: expected an integer >= 1")
+        if num < 1 or batch < 0:
+            raise ValueError(f"num={num}, batch={batch}: expected integers >= 1 and >= 0 "
+                             "(0: all scenes in one batch)")
+        self.batch = min(batch or num, num)
         self.context = context
         self.captions, self.images, self.truths = heldout_scenes(data.shapes_seed, num,
                                                                  data.image_size)
@@ -91,20 +100,47 @@ class Evaluator:
         else:
             self.data_image_stat = float(jnp.std(jax.jit(
                 lambda x: codec.encode(codec.variables, x))(pixels)))
+        # Several batches: the generator and codec built once, every prompt at one length: one
+        # compile for all batches. One batch: run_tasks' own, as a single call builds them.
+        several = self.batch < num
+        self.prepared = (prepare(context.config, context.tokenizer, self.sampling, codec)
+                         if several else None)
+        self.length = self._longest_prompt() if several else None
+
+    def _longest_prompt(self) -> int:
+        """Elements of the longest prompt run_tasks builds here: BOS caption BOI (text to
+        image), or BOS BOI image EOI and the question (captions: none; answers)."""
+        cfg, tok = self.context.config.model, self.context.tokenizer
+        image = tokens_per_image(cfg) if self.tokens_only else patches_per_image(cfg)
+        asked = max(len(tok.encode(f"Question: {q} Answer:")) for q in self.questions)
+        return max(max(len(tok.encode(c)) for c in self.captions) + 2, image + 3 + asked)
+
+    def _generate(self, variables, j: int):
+        """(generated images, their latents, captions, answers) of batch j's scenes, in one
+        run_tasks call (one text generation for both: each image asked for a caption ("") and
+        a question); the last batch padded with its last scene. Its noise: seed + j."""
+        c, start = self.context, j * self.batch
+        real = min(self.batch, len(self.images) - start)
+        scenes = list(range(start, start + real)) + [start + real - 1] * (self.batch - real)
+        records = run_tasks(
+            c.config, variables, c.tokenizer,
+            dataclasses.replace(self.sampling, seed=self.sampling.seed + j),
+            prompts=[self.captions[i] for i in scenes], images=[self.images[i] for i in scenes] * 2,
+            question=[""] * len(scenes) + [self.questions[i] for i in scenes],
+            names=[f"heldout_{i}" for i in scenes] * 2, codec=c.codec, prepared=self.prepared,
+            length=self.length)
+        made = [r for r in records if r["task"] == "text_to_image"][:real]
+        blank = np.zeros_like(self.images[0])
+        return ([r["pixels"][0] if r["pixels"] else blank for r in made],
+                [z for r in made for z in r["latents"]],
+                [r["text"] for r in records if r["task"] == "image_to_text"][:real],
+                [r["text"] for r in records if r["task"] == "answer"][:real])
 
     def run(self, variables, out_dir: str) -> dict:
-        c, s = self.context, self.sampling
-        names = [f"heldout_{i}" for i in range(len(self.images))]
-        # One text generation for both: each image asked for a caption ("") and a question.
-        records = run_tasks(c.config, variables, c.tokenizer, s, prompts=self.captions,
-                            images=self.images * 2, question=[""] * len(names) + self.questions,
-                            names=names * 2, codec=c.codec)
-        made = [r for r in records if r["task"] == "text_to_image"]
-        blank = np.zeros_like(self.images[0])
-        generated = [r["pixels"][0] if r["pixels"] else blank for r in made]
-        latents = [z for r in made for z in r["latents"]]
-        captions = [r["text"] for r in records if r["task"] == "image_to_text"]
-        answers = [r["text"] for r in records if r["task"] == "answer"]
+        made = {j: self._generate(variables, j) for j in range(-(-len(self.images) // self.batch))
+                if distributed.mine(j)}
+        generated, latents, captions, answers = (
+            [x for batch in part for x in batch] for part in zip(*distributed.gather_batches(made)))
         table = shapes_scores.score_shapes(generated, self.truths, captions, self.truths)
         qa_table = shapes_scores.score_answers(answers, self.questions, self.answers)
         scalars = {f"{task}/{key}": value for task, scores in table.items()
@@ -112,9 +148,10 @@ class Evaluator:
         scalars.update(self._image_stats(latents))
         scalars.update({f"answer/{k}": v for k, v in
                         shapes_scores.answer_scalars(qa_table).items()})
-        save_grid(os.path.join(out_dir, "heldout_vs_generated.png"),
-                  [list(self.images), generated])
-        self._report(out_dir, generated, captions, answers, table, qa_table, scalars)
+        if out_dir:
+            save_grid(os.path.join(out_dir, "heldout_vs_generated.png"),
+                      [list(self.images), generated])
+            self._report(out_dir, generated, captions, answers, table, qa_table, scalars)
         return scalars
 
     def _image_stats(self, latents) -> dict:

@@ -14,7 +14,7 @@ is written there (a row per input, a column per sample). Options are typed (no a
 """
 import dataclasses
 import os
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,16 +141,37 @@ def _check_lengths(config, tokenizer, texts: Sequence[str], image: bool = False)
                              f"the model's context (data.seq_len) is {context}")
 
 
+class Prepared(NamedTuple):
+    """What run_tasks builds for a config, tokenizer, sampler settings and codec: kept by a
+    caller that calls it batch by batch, the generator and codec compile once for all calls."""
+    specials: generation.Specials
+    encode: Callable
+    decode: Callable
+    generator: generation.Generator
+
+
+def prepare(config, tokenizer, sampling: Sampling, codec: Codec | None = None) -> Prepared:
+    """The special ids, the codec's jitted encode and decode, and the Generator (image_codec,
+    make_generator); the sampler's seed is not part of it."""
+    specials = generation.Specials.from_tokenizer(tokenizer)
+    return Prepared(specials, *image_codec(config, codec),
+                    make_generator(config, specials, sampling))
+
+
 def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequence[str] = (),
               images: Sequence = (), question: str | Sequence[str] = "",
               free: Sequence[str] = (), out: str | None = None, codec: Codec | None = None,
-              names: Sequence[str] = ()):
+              names: Sequence[str] = (), prepared: Prepared | None = None,
+              length: int | None = None):
     """-> list of records {task, input, sample, text, images, pixels, latents}, in task order:
     text to image (`prompts`), image to text or answer (`images`: paths or uint8 arrays, with
     `question`: one for every image, or a list of one per image, "" asking for a caption: all
     in one generation), free generation (`free`).
     `names`: how `images` are named in the records (default: the paths). `codec`: the frozen
-    autoencoder when the caller has it loaded."""
+    autoencoder when the caller has it loaded. `prepared`: prepare() of the same config,
+    tokenizer, sampling and codec, and `length`: every prompt padded to this many elements
+    (default: each generation's longest), for a caller that calls this batch by batch (one
+    shape, one compile)."""
     if question and not len(images):
         raise ValueError("question needs images to ask about")
     questions = [question] * len(images) if isinstance(question, str) else list(question)
@@ -159,9 +180,7 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
                          "question, or one per image")
     _check_lengths(config, tokenizer, list(prompts), image=True)
     _check_lengths(config, tokenizer, list(free))
-    specials = generation.Specials.from_tokenizer(tokenizer)
-    encode, decode = image_codec(config, codec)
-    generator = make_generator(config, specials, sampling)
+    specials, encode, decode, generator = prepared or prepare(config, tokenizer, sampling, codec)
     key, n, records = jax.random.key(sampling.seed), sampling.num_samples, []
     if out:
         os.makedirs(out, exist_ok=True)
@@ -169,7 +188,7 @@ def run_tasks(config, variables, tokenizer, sampling: Sampling, *, prompts: Sequ
     def run(task, inputs, rows, uncond=None, **kw):  # task: one name, or one per input
         tasks = [task] * len(inputs) if isinstance(task, str) else list(task)
         prompt = generation.build_prompt([r for r in rows for _ in range(n)], config.model,
-                                         specials)
+                                         specials, length=length)
         if uncond is not None:
             uncond = generation.build_prompt([r for r in uncond for _ in range(n)], config.model,
                                              specials)

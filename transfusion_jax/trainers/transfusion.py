@@ -13,7 +13,8 @@ and the step's noise from fold_in(seed key, t), so a resumed run continues bit f
 Multi-host: the same command runs as one process per host (core/distributed.py,
 launch/). Every process runs this program on the global mesh and feeds its rows of each batch
 (data/host_data.py); process 0 alone writes the config, logs and metrics; all save and restore the
-checkpoints together.
+checkpoints together. At an evaluation every process evaluates its share of the batches on its
+own devices (evaluators/common.py).
 """
 import functools
 import os
@@ -350,11 +351,16 @@ def make_init_fn(config, model, tx, inputs):
 
 
 def place_for_evaluation(config, params, devices=None):
-    """(mesh, params): `params` (host arrays, or arrays placed anyhow) placed as training shards
-    them, on the run's mesh over `devices` (default: all) or, when config.mesh does not fit
-    them, on all of them along fsdp (core/sharding.py:evaluation_mesh). Call the evaluators
-    under the mesh and the run's logical axis rules."""
-    mesh = sharding.evaluation_mesh(config.mesh, devices)
+    """(mesh, params): `params` placed as training shards them, on the run's mesh over `devices`
+    (default: this process's) or, when config.mesh does not fit them, on all of them along fsdp
+    (core/sharding.py:evaluation_mesh). Call the evaluators under the mesh and the run's logical
+    axis rules. `params`: host arrays, arrays placed anyhow, or arrays of a mesh that spans
+    processes, which are first gathered to every host (a collective: every process calls
+    this; each then evaluates on its own devices, evaluators/common.py)."""
+    if any(isinstance(x, jax.Array) and not x.is_fully_addressable
+           for x in jax.tree.leaves(params)):
+        params = multihost_utils.process_allgather(params, tiled=True)
+    mesh = sharding.evaluation_mesh(config.mesh, devices or jax.local_devices())
     model, tx = model_and_optimizer(config)
     init_fn = make_init_fn(config, model, tx, init_inputs(config, 1))
     shardings = train_state.state_shardings(init_fn, mesh, config.sharding_rules).params
@@ -473,6 +479,8 @@ def train(config, workdir: str, data_streams: int | None = None,
         scheduled_only=True)
 
     def evaluate(step, state):
+        """The evaluators due at `step`, on the EMA params when kept; every process runs them
+        (their gathers are collectives), process 0 writes evals/ and the TensorBoard scalars."""
         due = [e for e in evals if e.due(step, config.total_steps)]
         if not due:
             return
@@ -480,13 +488,10 @@ def train(config, workdir: str, data_streams: int | None = None,
         if jax.process_count() == 1:  # on the run's mesh (the loop's), params as training shards them
             results = evaluators.run(due, {"params": params}, step, workdir, config)
         else:
-            # Several processes: the params gathered to every host (a collective), process 0
-            # evaluates on its own devices (as `python -m transfusion_jax.evaluate` on one
-            # host); the others go on to the next step, whose collectives wait for it.
-            host = multihost_utils.process_allgather(params, tiled=True)
-            if jax.process_index() != 0:
-                return
-            mesh, placed = place_for_evaluation(config, host, jax.local_devices())
+            # Several processes: the params gathered to every host, and every process evaluates
+            # on its own devices, each computing its share of every evaluator's batches
+            # (evaluators/common.py); all return the same scalars, process 0 writes.
+            mesh, placed = place_for_evaluation(config, params)
             with jax.set_mesh(mesh):
                 results = evaluators.run(due, {"params": placed}, step, workdir, config)
         writer.add_scalars(step, {f"eval/{key}": value for key, value in results.items()})
