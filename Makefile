@@ -50,7 +50,7 @@ demo: $(BIN)/.installed $(DEMO_DIR)/autoencoder/latent_stats.json
 	cat $(DEMO_DIR)/evals/1000/shapes/report.md
 	ls $(DEMO_DIR)/evals/1000/shapes/*.png
 
-# The same recipe for 6000 steps (about an hour on 2 cores), on the demo's VAE.
+# The same recipe for 6000 steps (about 70 minutes on 2 cores), on the demo's VAE.
 demo-long: $(BIN)/.installed $(DEMO_DIR)/autoencoder/latent_stats.json
 	$(DEMO_ENV) $(BIN)/transfusion-train --config experiments/transfusion.py:demo_long \
 		--workdir $(DEMO_DIR)_long --config.autoencoder.checkpoint=$(DEMO_DIR)/autoencoder

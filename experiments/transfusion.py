@@ -4,7 +4,7 @@
 
 SIZE is tiny (tests: pixels through the identity autoencoder), demo (`make demo`: the shapes
 world on a CPU, in the latents of the demo VAE, experiments/autoencoder.py:demo), demo_long (the
-demo's recipe for 6000 steps, about an hour) or one of Table 2: 0.16b, 0.37b, 0.76b, 1.4b, 7b
+demo's recipe for 6000 steps, about 70 minutes) or one of Table 2: 0.16b, 0.37b, 0.76b, 1.4b, 7b
 (latents of the paper's VAE). patch_size 0 means the size's default: 2 (the paper's) on the
 paper's latents, 4 for the demo's (one patch per cell of the shapes world's 3x3 grid) and for
 tiny's pixels.
